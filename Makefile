@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false
+
+.PHONY: run test install lock clean
+
+install: $(STAMP)
+
+# Reinstall only when the dependency declarations change.
+$(STAMP): pyproject.toml requirements/constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements/constraints-cpu.txt -e ".[test]"
+	touch $(STAMP)
+
+run: install  ## install, then run the whole pipeline on the embedded offline default
+	$(BIN)/arft pipeline
+
+test: install  ## install, then run the test suite
+	$(BIN)/python -m pytest
+
+lock:  ## re-resolve the CPU lock from pyproject.toml (torch pinned to the CPU build)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q torch==2.13.0 -e ".[test]"
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^arft' > requirements/constraints-cpu.txt
+	rm -rf .lock-venv
+
+clean:  ## remove generated data, models, reports and tracking stores (not the venv)
+	rm -rf data models reports tracking dvc.lock

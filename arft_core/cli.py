@@ -1,0 +1,120 @@
+"""`arft`: one subcommand per pipeline stage, `arft pipeline` for the whole chain, and helpers.
+
+An interface module: it parses arguments and prints; the work is in arft_core.stages (via the Prefect flows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
+                     "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+app = typer.Typer(help="arft: Visual Agentic Reinforcement Fine-Tuning pipeline.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to use (default: found from the working "
+                            "directory upwards).")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def _run_stage(stage: str, params: Optional[Path]) -> None:
+    from arft_core.config import ConfigError
+    from arft_core.validation import ValidationFailed
+    from flows.stages import STAGE_FLOWS
+
+    try:
+        summary = STAGE_FLOWS[stage](params=str(params) if params else None)
+    except (ConfigError, ValidationFailed, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"[green]{stage} done[/]: {json.dumps(summary)}", highlight=False)
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    def command(params: Optional[Path] = ParamsOption) -> None:
+        _run_stage(stage, params)
+
+    command.__doc__ = help_text
+    app.command(name=stage)(command)
+
+
+_stage_command("model", "Build the embedded base model (or reference the checkpoint in model.name_or_path).")
+_stage_command("data", "Generate the MAT-Coding train/test manifests and images.")
+_stage_command("validate", "Validate the manifests (Great Expectations); fails with a per-item report.")
+_stage_command("train", "GRPO-train the policy with TRL's GRPOTrainer.")
+_stage_command("evaluate", "Evaluate the trained policy on the test split (F1/EM).")
+_stage_command("register", "Register the trained model in MLflow with the configured alias.")
+
+
+@app.command()
+def pipeline(params: Optional[Path] = ParamsOption) -> None:
+    """Run the whole chain (dvc.yaml's stages in order, unchanged stages skipped) as one Prefect flow run."""
+    from arft_core.config import ConfigError, load_config
+    from flows.pipeline import StageFailed, pipeline_flow, prefect_api
+
+    try:
+        cfg = load_config(params)
+        with prefect_api() as api:
+            console.print(f"Prefect API: {api}", highlight=False)
+            result = pipeline_flow(params=str(cfg.root / "params.yaml"))
+    except (ConfigError, StageFailed) as exc:
+        _fail(str(exc))
+    uri = cfg.tracking_uri()
+    console.rule("arft pipeline finished")
+    for stage, status in result["stages"].items():
+        console.print(f"  {stage:<9} {status}")
+    console.print(f"MLflow tracking URI: {uri}", highlight=False)
+    console.print(f"MLflow parent run:   {result['mlflow_run_id']}", highlight=False)
+    console.print(f"Browse the runs:     mlflow ui --backend-store-uri {uri}", highlight=False)
+    for name in ("validation_report", "eval_metrics", "predictions", "registration"):
+        console.print(f"{name + ':':<20} {cfg.path(name)}", highlight=False)
+
+
+@app.command()
+def stages(params: Optional[Path] = ParamsOption) -> None:
+    """List the stages in the order the pipeline runs them (from dvc.yaml)."""
+    from arft_core.config import load_config
+    from arft_core.dag import stage_order
+
+    for name in stage_order(load_config(params).root):
+        console.print(name)
+
+
+@app.command("config")
+def show_config(params: Optional[Path] = ParamsOption,
+                values: bool = typer.Option(False, "--values", help="Print the resolved values of params.yaml.")) -> None:
+    """Document every params.yaml key (default and help), or print the resolved values."""
+    from arft_core.config import ConfigError, describe, load_config
+
+    if values:
+        try:
+            console.print_json(json.dumps(load_config(params).model_dump(mode="json")))
+        except ConfigError as exc:
+            _fail(str(exc))
+        return
+    table = Table("key", "default", "help")
+    for key, default, help_text in describe():
+        table.add_row(key, default, help_text)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Typed configuration: `params.yaml` is the one source of every setting; this module is its schema.
+
+Every field carries help text (as TRL's config dataclasses do). Unknown keys are errors that name the key, and
+values are coerced by type, so `2e-06` written by `dvc exp run -S` (a string to PyYAML) still reads as a float.
+`arft config` prints this schema with the help text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PathsConfig(Section):
+    """Where every stage reads and writes, relative to the project root (the folder holding params.yaml)."""
+
+    base_model: str = Field("models/base", description="Output of the model stage: the base model and processor.")
+    mat_coding: str = Field("data/mat_coding", description="Output of the data stage: MAT-Coding manifests and images.")
+    validation_report: str = Field("reports/validation.json", description="Validation report (GX results per item).")
+    trained_model: str = Field("models/trained", description="Output of the train stage: the trained model.")
+    train_metrics: str = Field("reports/train.json", description="Final training metrics (DVC metrics file).")
+    train_log: str = Field("reports/train_log.csv", description="Per-step training log (DVC plots file).")
+    predictions: str = Field("reports/predictions.json", description="Evaluation predictions, authors' format.")
+    eval_metrics: str = Field("reports/eval.json", description="Evaluation F1/EM (DVC metrics file).")
+    registration: str = Field("reports/registration.json", description="Registered model name, version and alias.")
+
+
+class EmbeddedModelConfig(Section):
+    """Architecture of the embedded tiny Qwen2.5-VL (random weights, real Qwen2.5 tokenizer)."""
+
+    vocab_size: int | None = Field(
+        None, description="Tokenizer ranks kept: null keeps the full Qwen2.5 vocabulary (151,643, real special-token "
+        "ids); a smaller number truncates the BPE to its first N merges (fast tests).", ge=256, le=151_643)
+    hidden_size: int = Field(64, description="Text hidden size (also the vision projector's output size).", ge=8)
+    intermediate_size: int = Field(128, description="Text MLP size.", ge=8)
+    num_hidden_layers: int = Field(2, description="Text decoder layers.", ge=1)
+    num_attention_heads: int = Field(4, description="Text attention heads.", ge=1)
+    num_key_value_heads: int = Field(2, description="Text KV heads (grouped-query attention).", ge=1)
+    mrope_section: list[int] = Field([2, 3, 3], description="Multimodal RoPE sections; must sum to head_dim/2.")
+    vision_depth: int = Field(2, description="Vision transformer blocks.", ge=1)
+    vision_hidden_size: int = Field(32, description="Vision hidden size.", ge=8)
+    vision_intermediate_size: int = Field(64, description="Vision MLP size.", ge=8)
+    vision_num_heads: int = Field(2, description="Vision attention heads.", ge=1)
+    seed: int = Field(0, description="Seed for the random initial weights.")
+
+    @field_validator("mrope_section")
+    @classmethod
+    def _positive_sections(cls, v: list[int]) -> list[int]:
+        if not v or any(s <= 0 for s in v):
+            raise ValueError("mrope_section must be a non-empty list of positive integers")
+        return v
+
+
+class ModelConfig(Section):
+    """The policy model."""
+
+    name_or_path: str = Field(
+        "embedded", description="'embedded' builds the tiny offline model; otherwise a Qwen2.5-VL checkpoint "
+        "directory (e.g. a downloaded Qwen2.5-VL-3B-Instruct).")
+    embedded: EmbeddedModelConfig = Field(default_factory=EmbeddedModelConfig,
+                                          description="Architecture of the embedded model.")
+    min_pixels: int = Field(3136, description="Processor lower pixel bound (paper: 3136).", ge=784)
+    max_pixels: int = Field(401_408, description="Processor pixel budget per image (paper: 401,408).", ge=784)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype when loading the model (bfloat16 on GPUs).")
+
+
+class CorruptionRanges(Section):
+    """Ranges the seeded draws of each corruption come from (uniform between the two values)."""
+
+    dark_factor: tuple[float, float] = Field((0.15, 0.35), description="Brightness multiplier for 'dark'.")
+    overexposure_factor: tuple[float, float] = Field((2.0, 3.0), description="Brightness multiplier for "
+                                                     "'overexposure' (values clip at white).")
+    blur_radius: tuple[float, float] = Field((1.5, 3.0), description="Gaussian blur radius in pixels for 'blur'.")
+    noise_std: tuple[float, float] = Field((20.0, 45.0), description="Gaussian noise std (0-255 scale) for 'noise'.")
+
+
+class DataConfig(Section):
+    """MAT-Coding data generation."""
+
+    source: Literal["easy-vqa"] = Field("easy-vqa", description="Image-QA source the items are drawn from.")
+    seed: int = Field(1234, description="Seed of every draw (items, corruptions, parameters).")
+    n_train: int = Field(48, description="Training items.", ge=1)
+    n_test: int = Field(16, description="Test items.", ge=1)
+    image_size: int = Field(112, description="Source images are resized to this square size (pixels).", ge=28)
+    simple: list[str] = Field(
+        ["rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "none"],
+        description="Single degradations of the Simple split.")
+    hard: list[list[str]] = Field(
+        [["rotation90", "dark"], ["rotation180", "noise"], ["blur", "noise"], ["rotation90", "overexposure"]],
+        description="Compositional degradations of the Hard split, applied in order.")
+    hard_fraction: float = Field(0.65, description="Share of Hard items (paper: 130/200).", ge=0.0, le=1.0)
+    ranges: CorruptionRanges = Field(default_factory=CorruptionRanges, description="Corruption parameter ranges.")
+
+
+class ValidationConfig(Section):
+    """Great Expectations validation of the manifests."""
+
+    known_labels: list[str] = Field(
+        ["rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none"],
+        description="Corruption labels an item's `type` may use.")
+
+
+class TrainConfig(Section):
+    """GRPO training (TRL GRPOTrainer)."""
+
+    seed: int = Field(42, description="Training seed.")
+    max_steps: int = Field(4, description="Optimizer steps.", ge=1)
+    learning_rate: float = Field(1e-5, description="AdamW learning rate (paper: 1e-6).", gt=0)
+    per_device_train_batch_size: int = Field(4, description="Completions per device per step.", ge=1)
+    gradient_accumulation_steps: int = Field(1, description="Gradient accumulation steps (paper: 2).", ge=1)
+    num_generations: int = Field(4, description="Group size G (paper: 8).", ge=2)
+    max_completion_length: int = Field(32, description="Max new tokens per completion (paper: 256).", ge=1)
+    temperature: float = Field(1.0, description="Rollout sampling temperature (paper: 1.0).", gt=0)
+    beta: float = Field(0.04, description="KL coefficient (paper: 0.04).", ge=0)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "grpo", description="TRL loss normalisation; 'grpo' is the paper's per-sequence mean.")
+    reward_weights: list[float] = Field([1.0, 1.0], description="Weights of [format, answer-F1] (paper: plain sum).")
+    logging_steps: int = Field(1, description="Log every N steps.", ge=1)
+
+
+class EvalConfig(Section):
+    """Evaluation on the test split."""
+
+    max_new_tokens: int = Field(64, description="Max tokens generated per item (paper: 1024 for coding).", ge=1)
+    batch_size: int = Field(8, description="Items generated together.", ge=1)
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, description="Sampling temperature when do_sample is true.", gt=0)
+    seed: int = Field(0, description="Generation seed.")
+
+
+class TrackingConfig(Section):
+    """MLflow tracking and registry. MLFLOW_TRACKING_URI in the environment overrides `uri`."""
+
+    uri: str = Field("sqlite:///tracking/mlflow.db", description="Tracking URI; a relative sqlite path is under "
+                     "the project root.")
+    artifact_location: str = Field("tracking/artifacts", description="Artifact folder for a local (sqlite) store, "
+                                   "relative to the project root.")
+    experiment: str = Field("arft", description="Experiment name.")
+    registered_model: str = Field("arft-agent", description="Registered model name.")
+    alias: str = Field("candidate", description="Alias set on each newly registered version.")
+
+
+class PipelineConfig(Section):
+    """Orchestration of the stages by the Prefect pipeline flow."""
+
+    retries: dict[str, int] = Field({"train": 1, "evaluate": 1, "register": 2},
+                                    description="Retries per stage that can fail transiently (others: 0).")
+    retry_delay_seconds: float = Field(5.0, description="Delay between retries.", ge=0)
+
+
+class Config(Section):
+    """The whole of params.yaml."""
+
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Stage inputs and outputs.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data generation.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
+
+    # Set by load_config: the folder params.yaml lives in. Not a params key.
+    _root: Path = Path(".")
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def path(self, name: str) -> Path:
+        """Absolute path of `paths.<name>`."""
+        return self._root / getattr(self.paths, name)
+
+    def tracking_uri(self) -> str:
+        """MLflow URI: the environment's MLFLOW_TRACKING_URI, else params with sqlite paths made absolute."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+            uri = prefix + str((self._root / uri[len(prefix):]).resolve())
+        return uri
+
+
+class ConfigError(ValueError):
+    """params.yaml does not match the schema; the message names each bad key."""
+
+
+def _format_errors(err: ValidationError, source: Path) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `arft config` lists the valid keys)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def find_params(start: Path | None = None) -> Path:
+    """params.yaml in `start` (default: the working directory) or the nearest parent folder."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder / PARAMS_FILE
+    raise ConfigError(f"no {PARAMS_FILE} in {here} or any parent folder; run from the project or pass --params")
+
+
+def load_config(params: str | Path | None = None) -> Config:
+    """Read and validate params.yaml; relative paths resolve against its folder."""
+    path = Path(params) if params else find_params()
+    if path.is_dir():
+        path = path / PARAMS_FILE
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, path)) from None
+    cfg._root = path.resolve().parent
+    return cfg
+
+
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field, for `arft config`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe(ann, key + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,119 @@
+"""The pipeline's stages: one function each, shared by the CLI (`arft <stage>`), the Prefect flows and dvc.yaml.
+
+`run_stage` wraps a stage in its MLflow run and logs what it returns; each stage reads and writes only the paths
+of `params.yaml`, and writes its outputs whole (a failed stage leaves no half-written output behind as valid).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from arft_core.config import Config
+from arft_core.data.mat_coding import MANIFESTS, load_manifest, write_json_atomic
+from arft_core.progress import progress_bar
+
+
+def model_stage(cfg: Config) -> dict:
+    from arft_core.model.embedded import prepare_base_model
+
+    return prepare_base_model(cfg.model, cfg.path("base_model"))
+
+
+def data_stage(cfg: Config) -> dict:
+    from arft_core.data.mat_coding import generate
+
+    with progress_bar("generating MAT-Coding items", cfg.data.n_train + cfg.data.n_test) as advance:
+        return generate(cfg.data, cfg.path("mat_coding"), advance)
+
+
+def validate_stage(cfg: Config) -> dict:
+    import mlflow
+
+    from arft_core.validation import ValidationFailed, format_report, validate_manifests
+
+    data_dir = cfg.path("mat_coding")
+    report = validate_manifests({m: load_manifest(data_dir, m) for m in MANIFESTS}, data_dir, cfg.validation)
+    report_path = cfg.path("validation_report")
+    write_json_atomic(report_path, report)
+    mlflow.log_artifact(str(report_path))
+    text = format_report(report)
+    if not report["success"]:
+        raise ValidationFailed(f"{text}\nfull report: {report_path}")
+    print(text)
+    n_failed = sum(len(m["failures"]) for m in report["manifests"].values())
+    return {"items": sum(m["n_items"] for m in report["manifests"].values()), "failed_expectations": n_failed}
+
+
+def train_stage(cfg: Config) -> dict:
+    import mlflow
+
+    from arft_core.tracking import log_metrics
+    from arft_core.training import train
+
+    summary = train(cfg.model, cfg.train, cfg.path("base_model"), cfg.path("mat_coding"), cfg.path("trained_model"),
+                    cfg.path("train_log"), sink=lambda m, step: log_metrics(m, step=step))
+    write_json_atomic(cfg.path("train_metrics"), summary)
+    mlflow.log_artifact(str(cfg.path("train_log")))
+    return summary
+
+
+def evaluate_stage(cfg: Config) -> dict:
+    import mlflow
+
+    from arft_core.evaluation import evaluate
+
+    n = len(load_manifest(cfg.path("mat_coding"), "test"))
+    with progress_bar("evaluating on MAT-Coding test", n) as advance:
+        scores, predictions = evaluate(cfg.path("trained_model"), cfg.path("mat_coding"), cfg.eval,
+                                       cfg.model.dtype, advance)
+    write_json_atomic(cfg.path("predictions"), predictions)
+    write_json_atomic(cfg.path("eval_metrics"), scores)
+    mlflow.log_artifact(str(cfg.path("predictions")))
+    print(json.dumps(scores))
+    return scores
+
+
+def register_stage(cfg: Config) -> dict:
+    from arft_core.registry import register_model
+    from arft_core.tracking import git_tags, input_hashes
+
+    scores = json.loads(cfg.path("eval_metrics").read_text())
+    tags = {**git_tags(cfg.root), **{f"dvc.input.{k}": v for k, v in input_hashes(cfg.root, "register").items()}}
+    tags.update({f"mat_coding.{split}.{m}": str(v) for split, s in scores.items() for m, v in s.items()})
+    result = register_model(cfg.path("trained_model"), cfg.tracking.registered_model, cfg.tracking.alias, tags)
+    write_json_atomic(cfg.path("registration"), result)
+    print(f"registered {result['name']} version {result['version']} as @{result['alias']}")
+    return {"version": int(result["version"])}
+
+
+STAGES: dict[str, Callable[[Config], dict]] = {
+    "model": model_stage,
+    "data": data_stage,
+    "validate": validate_stage,
+    "train": train_stage,
+    "evaluate": evaluate_stage,
+    "register": register_stage,
+}
+
+# The params sections each stage reads (logged as the stage run's params; dvc.yaml tracks the same sections).
+SECTIONS: dict[str, list[str]] = {
+    "model": ["model"],
+    "data": ["data"],
+    "validate": ["validation"],
+    "train": ["train", "model"],
+    "evaluate": ["eval"],
+    "register": ["tracking"],
+}
+
+
+def run_stage(name: str, cfg: Config) -> dict:
+    """Run one stage inside its MLflow run; returns the stage's summary (also logged as metrics)."""
+    from arft_core.tracking import log_metrics, stage_run
+
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    with stage_run(cfg, name, SECTIONS[name]):
+        summary = STAGES[name](cfg)
+        log_metrics(summary)
+    return summary

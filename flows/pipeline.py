@@ -1,0 +1,97 @@
+"""The pipeline flow: runs the stages of dvc.yaml in DAG order, each through `dvc repro` (so an unchanged stage is
+skipped and dvc.lock records what ran), inside one MLflow parent run. Stage commands run the stage flows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from prefect import flow, task
+
+from arft_core.config import Config, ConfigError, load_config
+from arft_core.dag import stage_order
+
+SKIPPED_MARKER = "didn't change, skipping"
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _stage_env() -> dict[str, str]:
+    # Stage commands (`arft <stage>`) must resolve to this interpreter's environment even if it is not activated.
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@task(name="dvc-repro")
+def reproduce_stage(stage: str, root: str) -> str:
+    """`dvc repro --single-item <stage>`; returns 'ran' or 'cached' (unchanged inputs)."""
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    tail, skipped = [], False
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        skipped |= SKIPPED_MARKER in line
+        tail = (tail + [line.rstrip()])[-40:]
+    if proc.wait() != 0:
+        raise StageFailed(f"stage {stage!r} failed (dvc repro exit {proc.returncode}); last output:\n"
+                          + "\n".join(tail))
+    return "cached" if skipped else "ran"
+
+
+def _check_retries(cfg: Config, stages: list[str]) -> None:
+    unknown = sorted(set(cfg.pipeline.retries) - set(stages))
+    if unknown:
+        raise ConfigError(f"pipeline.retries: unknown stage(s) {unknown}; stages are {stages}")
+
+
+@flow(name="arft-pipeline", log_prints=True)
+def pipeline_flow(params: str | None = None) -> dict:
+    """Whole chain: model, data, validate, train, evaluate, register (order and deps from dvc.yaml)."""
+    import mlflow
+
+    from arft_core.tracking import pipeline_run
+
+    cfg = load_config(params)
+    stages = stage_order(cfg.root)
+    _check_retries(cfg, stages)
+    results: dict[str, str] = {}
+    with pipeline_run(cfg) as run:
+        for stage in stages:
+            step = reproduce_stage.with_options(
+                task_run_name=f"dvc-repro-{stage}", retries=cfg.pipeline.retries.get(stage, 0),
+                retry_delay_seconds=cfg.pipeline.retry_delay_seconds)
+            results[stage] = step(stage, str(cfg.root))
+            mlflow.set_tag(f"stage.{stage}", results[stage])
+        return {"mlflow_run_id": run.info.run_id, "stages": results}
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """Use PREFECT_API_URL when set; otherwise start one temporary local server for this process and its stage
+    subprocesses (rather than one per stage), and stop it afterwards."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # send buffered logs while the server is up (else a minute of retries)
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
