@@ -132,7 +132,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     """Evaluation on the test split."""
 
-    max_new_tokens: int = Field(64, description="Max tokens generated per item (paper: 1024 for coding).", ge=1)
+    max_new_tokens: int = Field(32, description="Max tokens generated per item (paper: 1024 for coding).", ge=1)
     batch_size: int = Field(8, description="Items generated together.", ge=1)
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, description="Sampling temperature when do_sample is true.", gt=0)

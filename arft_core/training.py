@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from arft_core.protocol import coding_prompt
 from arft_core.rewards import REWARD_FUNCS
 
 MetricsSink = Callable[[dict[str, float], int], None]
+TRAIN_CONFIG_FILE = "arft_train_config.json"
 
 
 def input_image_path(item: dict) -> str:
@@ -60,16 +62,20 @@ def write_log_csv(history: list[dict], path: Path) -> None:
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: Path, out_dir: Path,
-          log_csv: Path, sink: MetricsSink = lambda m, s: None) -> dict:
-    """Run GRPO on the train manifest; save the final model and processor to `out_dir`; return final metrics."""
+          log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None) -> dict:
+    """Run GRPO on the train manifest; save the final model and processor to `out_dir`; return final metrics.
+
+    `reward_funcs` defaults to the paper's format + answer-F1 pair; `cfg.reward_weights` must match its length.
+    """
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
     from arft_core.model.embedded import load_model
 
-    if len(cfg.reward_weights) != len(REWARD_FUNCS):
-        raise ValueError(f"train.reward_weights needs {len(REWARD_FUNCS)} values (format, answer F1), "
-                         f"got {cfg.reward_weights}")
+    reward_funcs = reward_funcs or REWARD_FUNCS
+    if len(cfg.reward_weights) != len(reward_funcs):
+        raise ValueError(f"train.reward_weights needs {len(reward_funcs)} values "
+                         f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")
     if (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps) % cfg.num_generations:
         raise ValueError("train.per_device_train_batch_size x gradient_accumulation_steps must be a multiple of "
                          f"train.num_generations ({cfg.num_generations})")
@@ -85,7 +91,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
             bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=REWARD_FUNCS, args=args, train_dataset=dataset,
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                               processing_class=processor, callbacks=[_metrics_callback(sink)])
         trainer.train()
         history = trainer.state.log_history
@@ -93,6 +99,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         shutil.rmtree(out_dir)
     trainer.model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    # Provenance travels with the weights: the settings that produced them.
+    (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
+        {"train": cfg.model_dump(mode="json"), "base_model": model_cfg.model_dump(mode="json"),
+         "reward_funcs": [f.__name__ for f in reward_funcs]}, indent=2))
     write_log_csv(history, log_csv)
     steps = [h for h in history if "reward" in h]
     last = steps[-1] if steps else {}

@@ -66,7 +66,7 @@ def build_suite(cfg: ValidationConfig):
         gx.expectations.ExpectColumnValuesToBeUnique(column="id"),
         gx.expectations.ExpectColumnValueLengthsToBeBetween(column="question", min_value=1),
         gx.expectations.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1),
-        gx.expectations.ExpectColumnValuesToMatchRegex(column="type", regex=rf"^({labels})(\+({labels}))*$"),
+        gx.expectations.ExpectColumnValuesToMatchRegex(column="type", regex=rf"^(?:{labels})(?:\+(?:{labels}))*$"),
         gx.expectations.ExpectColumnValuesToBeInSet(column="split", value_set=["simple", "hard"]),
         gx.expectations.ExpectColumnValuesToBeInSet(column="processed_image", value_set=["ok"]),
         gx.expectations.ExpectColumnValuesToBeInSet(column="ori_image", value_set=["ok"]),

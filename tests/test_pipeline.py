@@ -1,0 +1,198 @@
+"""The whole chain on a real Prefect server, MLflow store and DVC repo, with the tiny configuration.
+
+One pipeline run (module fixture) is inspected by several tests, in file order; the last ones change params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import arft, write_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["model", "data", "validate", "train", "evaluate", "register"]
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def mlflow_client(project: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/tracking/mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def pipeline_project(tmp_path_factory, prefect_server):
+    import shutil
+
+    from conftest import ROOT
+
+    # A module-scoped copy of the project (the function-scoped `project_copy` fixture, inlined).
+    dest = tmp_path_factory.mktemp("e2e") / "project"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    write_params(dest)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    proc = arft("pipeline", cwd=dest)
+    return dest, proc.stdout + proc.stderr
+
+
+def test_pipeline_runs_every_stage_and_says_where_to_look(pipeline_project):
+    project, output = pipeline_project
+    assert stages_run(output) == STAGES
+    assert f"mlflow ui --backend-store-uri sqlite:///{project}/tracking/mlflow.db" in output
+    assert str(project / "reports" / "eval.json") in output
+    scores = json.loads((project / "reports" / "eval.json").read_text())
+    assert scores["avg"]["n"] == 4 and set(scores) >= {"avg"}
+    assert json.loads((project / "reports" / "validation.json").read_text())["success"] is True
+
+
+def test_mlflow_has_parent_and_nested_stage_runs(pipeline_project):
+    project, _ = pipeline_project
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("arft")
+    assert exp.artifact_location == (project / "tracking" / "artifacts").as_uri()
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags["arft.stage"] == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags["arft.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(STAGES)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    for run in [parent, *children.values()]:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git.commit"] == commit
+    train = children["train"]
+    assert {"reward", "kl", "rewards.format_reward.mean", "steps"} <= set(train.data.metrics)
+    assert train.data.params["train.max_steps"] == "1"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    data_md5 = next(o["md5"] for o in lock["data"]["outs"] if o["path"] == "data/mat_coding")
+    assert train.data.tags["dvc.input.data/mat_coding"] == data_md5
+    assert train.data.tags["dvc.input.params.yaml"]
+    assert {"avg.f1", "avg.em", "avg.no_answer_rate"} <= set(children["evaluate"].data.metrics)
+    assert "data.n_train" in parent.data.params and "data.n_train" in children["data"].data.params
+
+
+def test_registered_version_has_candidate_alias(pipeline_project):
+    project, _ = pipeline_project
+    client = mlflow_client(project)
+    version = client.get_model_version_by_alias("arft-agent", "candidate")
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    assert str(version.version) == registration["version"] == "1"
+    assert "mat_coding.avg.f1" in version.tags and version.tags["git.commit"]
+    assert version.tags["dvc.input.models/trained"].endswith(".dir")
+
+
+def test_prefect_recorded_the_flow_runs(pipeline_project):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        names = {client.read_flow(r.flow_id).name: r.state.type.value for r in runs}
+    assert names["arft-pipeline"] == "COMPLETED"
+    assert all(names[f"arft-{s}"] == "COMPLETED" for s in STAGES)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_serves_the_runs(pipeline_project):
+    project, _ = pipeline_project
+    port = _free_port()
+    uri = f"sqlite:///{project}/tracking/mlflow.db"
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=arft"))
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req))["runs"]
+        names = sorted(r["info"]["run_name"] for r in runs)
+        assert names == sorted(["pipeline", *STAGES])
+        page = urllib.request.urlopen(f"{base}/").read().decode()
+        assert "<title>MLflow</title>" in page
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+def test_second_repro_does_nothing(pipeline_project):
+    project, _ = pipeline_project
+    out = dvc("repro", cwd=project)
+    assert stages_run(out) == []
+    assert "Data and pipelines are up to date" in out
+
+
+def test_changing_a_train_param_reruns_training_and_what_follows_only(pipeline_project):
+    project, _ = pipeline_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 2e-5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = dvc("repro", cwd=project)
+    assert stages_run(out) == ["train", "evaluate", "register"]
+    assert str(mlflow_client(project).get_model_version_by_alias("arft-agent", "candidate").version) == "2"
+
+
+def test_validate_cli_names_the_broken_item(pipeline_project):
+    project, _ = pipeline_project
+    manifest = json.loads((project / "data" / "mat_coding" / "test.json").read_text())
+    (project / "data" / "mat_coding" / manifest[0]["processed_image_path"]).write_bytes(b"corrupt")
+    proc = arft("validate", cwd=project, check=False)
+    assert proc.returncode == 1
+    assert f"item id={manifest[0]['id']}: bad processed_image" in proc.stderr
+    assert "expect_column_values_to_be_in_set" in proc.stderr
+
+
+def test_failed_validation_stops_the_chain(tmp_path, prefect_server, project_copy):
+    # Data made with a label the validation suite does not accept: validation must fail and train never start.
+    write_params(project_copy, {"data": {"simple": ["dark", "none"], "hard_fraction": 0.0},
+                                "validation": {"known_labels": ["none", "rotation90"]}})
+    proc = arft("pipeline", cwd=project_copy, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert re.search(r"item id=\d+: unknown corruption label in type \(type='dark'\)", output)
+    assert stages_run(output) == ["model", "data", "validate"]
+    assert not (project_copy / "models" / "trained").exists()
+    runs = mlflow_client(project_copy).search_runs(
+        [mlflow_client(project_copy).get_experiment_by_name("arft").experiment_id])
+    statuses = {r.data.tags["arft.stage"]: r.info.status for r in runs}
+    assert statuses == {"pipeline": "FAILED", "model": "FINISHED", "data": "FINISHED", "validate": "FAILED"}
