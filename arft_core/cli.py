@@ -6,17 +6,12 @@ An interface module: it parses arguments and prints; the work is in arft_core.st
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
-
-for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-                     "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)
 
 app = typer.Typer(help="arft: Visual Agentic Reinforcement Fine-Tuning pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)

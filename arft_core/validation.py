@@ -6,7 +6,6 @@ failed expectation lists the offending item ids and values, and the report names
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,8 +13,6 @@ import pandas as pd
 from PIL import Image
 
 from arft_core.config import ValidationConfig
-
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
 class ValidationFailed(RuntimeError):

@@ -14,9 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "reference"
 
-for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-                   "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(key, value)
+import arft_core  # noqa: F401,E402  (telemetry defaults for this process and the subprocesses it starts)
 
 # Small enough that the whole chain runs in seconds per stage, large enough to exercise every code path.
 TINY_OVERRIDES = {
