@@ -48,7 +48,7 @@ def evaluate(model_dir: Path, data_dir: Path, cfg: EvalConfig, dtype: str = "flo
     images = [Image.open(data_dir / input_image_path(i)).convert("RGB") for i in items]
     completions = generate_answers(model, processor, [i["question"] for i in items], images, cfg, progress)
     predictions, rows = [], []
-    for item, completion in zip(items, completions):
+    for item, completion in zip(items, completions, strict=True):
         pred = extract_answer(completion)
         s = metrics.score(pred, item["answers"], cjk=True)
         predictions.append({"id": item["id"], "gt": item["answers"], "pred_answer": pred, "completion": completion,

@@ -22,7 +22,7 @@ def format_reward(completions, **_) -> list[float]:
 def answer_f1_reward(completions, answers, **_) -> list[float]:
     """Best F1 of the `<answer>` content against the gold answers; 0 without an answer tag (no fallback)."""
     rewards = []
-    for completion, golds in zip(completions, answers):
+    for completion, golds in zip(completions, answers, strict=True):
         pred = extract_answer(_text(completion))
         rewards.append(metrics.score(pred, list(golds), cjk=True)["f1"] if pred is not None else 0.0)
     return rewards

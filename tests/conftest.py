@@ -45,23 +45,25 @@ def tiny_params(tmp_path: Path) -> Path:
     return write_params(tmp_path)
 
 
-@pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """A git checkout of the project's tracked files with the tiny params, ready for `dvc repro`."""
-    dest = tmp_path / "project"
+def copy_project(dest: Path, overrides: dict | None = None) -> Path:
+    """A git checkout of the project's files (tests excluded) at `dest` with the tiny params, for `dvc repro`."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith("tests/"):
+        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    write_params(dest)
+            shutil.copy2(ROOT / rel, dest / rel)
+    write_params(dest, overrides)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ def test_embedded_model_saves_and_reloads_with_auto_classes(tmp_path: Path):
 def test_same_seed_same_weights():
     a, _ = build_embedded_model(SMALL)
     b, _ = build_embedded_model(SMALL)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_bad_mrope_sections_are_explained():

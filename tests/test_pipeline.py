@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import arft, write_params
+from conftest import arft, copy_project, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -44,25 +44,9 @@ def mlflow_client(project: Path):
 
 @pytest.fixture(scope="module")
 def pipeline_project(tmp_path_factory, prefect_server):
-    import shutil
-
-    from conftest import ROOT
-
-    # A module-scoped copy of the project (the function-scoped `project_copy` fixture, inlined).
-    dest = tmp_path_factory.mktemp("e2e") / "project"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    write_params(dest)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fixture"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
-    proc = arft("pipeline", cwd=dest)
-    return dest, proc.stdout + proc.stderr
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
+    proc = arft("pipeline", cwd=project)
+    return project, proc.stdout + proc.stderr
 
 
 def test_pipeline_runs_every_stage_and_says_where_to_look(pipeline_project):

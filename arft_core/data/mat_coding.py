@@ -50,7 +50,7 @@ def build_manifest(cfg: DataConfig, split: str, out_dir: Path, first_id: int,
     image_dir.mkdir(parents=True, exist_ok=True)
     counters: dict[str, int] = {}
     items = []
-    for offset, (src, (labels, level)) in enumerate(zip(sources, _draw_types(cfg, n, rng))):
+    for offset, (src, (labels, level)) in enumerate(zip(sources, _draw_types(cfg, n, rng), strict=True)):
         type_name = "+".join(labels)
         k = counters[type_name] = counters.get(type_name, -1) + 1
         stem = f"{split}_{type_name}_{k}"

@@ -69,7 +69,7 @@ def _byte_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
