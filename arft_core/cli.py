@@ -107,6 +107,58 @@ def show_config(params: Optional[Path] = ParamsOption,
     console.print(table)
 
 
+sandbox_app = typer.Typer(help="The code tool's sandbox.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+
+@sandbox_app.command("run")
+def sandbox_run(code: Path = typer.Argument(..., help="Python file to run (may use numpy, Pillow, OpenCV)."),
+                image: list[Path] = typer.Option([], "--image", "-i", help="Input image(s): the first is "
+                                                 "path_to_input_image.jpg, the next path_to_input_image_1.jpg..."),
+                out: Path = typer.Option(..., "--out", "-o", help="Folder for the output images."),
+                params: Optional[Path] = ParamsOption) -> None:
+    """Run CODE in the sandbox and print one JSON object; exit 0 whenever the sandbox itself worked."""
+    from arft_core.config import ConfigError, SandboxConfig, load_config
+    from arft_core.sandbox import SandboxError, SandboxPool
+
+    try:
+        cfg = load_config(params).sandbox
+    except ConfigError as exc:
+        if params is not None:
+            _fail(str(exc), 2)
+        cfg = SandboxConfig()  # outside a project: the documented defaults
+    for path in [code, *image]:
+        if not path.is_file():
+            _fail(f"no such file: {path}", 2)
+    try:
+        with SandboxPool(cfg.model_copy(update={"workers": 1})) as pool:
+            result = pool.run(code.read_text(), image, out)
+    except SandboxError as exc:
+        _fail(f"sandbox could not run: {exc}", 3)
+    typer.echo(json.dumps(result.to_json()))
+
+
+@sandbox_app.command("probe")
+def sandbox_probe(params: Optional[Path] = ParamsOption) -> None:
+    """Start one sandbox and report which isolation layers work on this machine."""
+    from arft_core.config import ConfigError, SandboxConfig, load_config
+    from arft_core.sandbox import SandboxError, SandboxPool
+    from arft_core.sandbox.pool import LAYERS
+
+    try:
+        cfg = load_config(params).sandbox
+    except ConfigError:
+        cfg = SandboxConfig()
+    try:
+        with SandboxPool(cfg.model_copy(update={"workers": 1, "isolation": "auto"})) as pool:
+            layers = pool.layers
+    except SandboxError as exc:
+        _fail(f"sandbox could not start: {exc}", 3)
+    for name, on in layers.items():
+        console.print(f"{'[green]yes[/]' if on else '[red]NO[/] '}  {name}: {LAYERS[name]}")
+    typer.echo(json.dumps(layers))
+
+
 def main() -> None:
     app()
 

@@ -139,6 +139,30 @@ class EvalConfig(Section):
     seed: int = Field(0, description="Generation seed.")
 
 
+class SandboxConfig(Section):
+    """The code tool's sandbox: bubblewrap namespaces + unprivileged uid + rlimits + seccomp, warm fork-servers."""
+
+    isolation: Literal["auto", "strict"] = Field(
+        "auto", description="auto: use every isolation layer the machine supports and name the missing ones "
+        "loudly at start-up; strict: refuse to start unless every layer works.")
+    workers: int = Field(2, description="Warm sandboxes (jobs run in parallel, one per worker).", ge=1)
+    wall_time_s: float = Field(10.0, description="Wall-clock limit per job; the job's process group is killed.",
+                               gt=0)
+    cpu_time_s: int = Field(5, description="CPU-time limit per job (RLIMIT_CPU).", ge=1)
+    memory_mb: int = Field(1024, description="Address space a job may add to the worker's (RLIMIT_AS).", ge=16)
+    file_size_mb: int = Field(64, description="Largest file a job may write (RLIMIT_FSIZE).", ge=1)
+    open_files: int = Field(64, description="Open file descriptors per job (RLIMIT_NOFILE).", ge=16)
+    max_processes: int = Field(256, description="Processes/threads of the sandbox uid (RLIMIT_NPROC); new "
+                               "processes are also refused by seccomp.", ge=16)
+    max_output_bytes: int = Field(8192, description="stdout/stderr/error text kept per job.", ge=256)
+    max_output_images: int = Field(8, description="Output images kept per job.", ge=1)
+    max_output_pixels: int = Field(40_000_000, description="Largest output image (width x height).", ge=1)
+    uid: int = Field(65534, description="Unprivileged uid/gid jobs run as when arft runs as root.", ge=1)
+    preload: list[str] = Field(["numpy", "PIL.Image", "cv2"],
+                               description="Modules imported once in each warm worker before forking jobs.")
+    startup_timeout_s: float = Field(60.0, description="Time a worker may take to start and import.", gt=0)
+
+
 class TrackingConfig(Section):
     """MLflow tracking and registry. MLFLOW_TRACKING_URI in the environment overrides `uri`."""
 
@@ -168,6 +192,7 @@ class Config(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
 

