@@ -217,6 +217,7 @@ class SandboxPool:
         self.use_bwrap = self._bwrap_works()
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._workers: list[_Worker] = []
+        self._lock = threading.Lock()  # guards _workers when several client threads replace workers
         try:
             for i in range(self.cfg.workers):
                 self._add(self._start(i))
@@ -303,9 +304,9 @@ class SandboxPool:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        self._workers.remove(worker)
         fresh = self._start(worker.index)
-        self._workers.append(fresh)
+        with self._lock:
+            self._workers[self._workers.index(worker)] = fresh
         return fresh
 
     def healthy(self) -> bool:
