@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,16 +69,17 @@ def blocked(r) -> bool:
     return not r.ok and r.error is not None
 
 
-# (name, code template, check(result, env) -> bool). Templates get {outside}, {port}, {unix}, {root}, {hostpid}.
+# (name, code template, check(result, env) -> bool).
+# Templates get {outside}, {port}, {unix}, {root}, {hostpid}, {home}, {hosttmp}.
 ATTACKS = [
     ("read /etc/shadow", "print(open('/etc/shadow').read())", lambda r, e: blocked(r)),
     ("read /etc/passwd", "print(open('/etc/passwd').read())", lambda r, e: blocked(r) and "root:" not in r.stdout),
-    ("read root's home", "print(open('/root/.bashrc').read())", lambda r, e: blocked(r)),
+    ("read the host home", "import os; print(os.listdir('{home}'))", lambda r, e: blocked(r)),
     ("read the project", "print(open('{root}/params.yaml').read())", lambda r, e: blocked(r)),
     ("list the project", "import os; print(os.listdir('{root}'))", lambda r, e: blocked(r)),
     ("read a host secret file", "print(open('{outside}/secret.txt').read())", lambda r, e: blocked(r)),
-    ("write host /tmp", "open('/tmp/arft-pwned', 'w').write('x')",
-     lambda r, e: blocked(r) and not Path("/tmp/arft-pwned").exists()),
+    ("write the host temp folder", "open('{hosttmp}/arft-pwned', 'w').write('x')",
+     lambda r, e: blocked(r) and not (Path(tempfile.gettempdir()) / "arft-pwned").exists()),
     ("write beside the secret", "open('{outside}/pwned', 'w').write('x')",
      lambda r, e: blocked(r) and not (e["outside"] / "pwned").exists()),
     ("write into the runtime", "open('/opt/site/pwned.py', 'w').write('x')", lambda r, e: blocked(r)),
@@ -139,7 +141,7 @@ ATTACKS = [
 def test_attack_is_contained(env, name, code, check):
     pool, listener = env["pool"], env["listener"]
     source = code.format(outside=env["outside"], port=listener.port, unix=listener.unix_path, root=ROOT,
-                         hostpid=os.getpid())
+                         hostpid=os.getpid(), home=Path.home(), hosttmp=tempfile.gettempdir())
     started = time.monotonic()
     result = pool.run(source, [], env["outside"].parent / "out")
     elapsed = time.monotonic() - started
