@@ -48,7 +48,6 @@ def _stage_command(stage: str, help_text: str) -> None:
 
 
 _stage_command("model", "Build the embedded base model (or reference the checkpoint in model.name_or_path).")
-_stage_command("data", "Generate the MAT-Coding train/test manifests and images.")
 _stage_command("validate", "Validate the manifests (Great Expectations); fails with a per-item report.")
 _stage_command("train", "GRPO-train the policy with TRL's GRPOTrainer.")
 _stage_command("evaluate", "Evaluate the trained policy on the test split (F1/EM).")
@@ -105,6 +104,16 @@ def show_config(params: Optional[Path] = ParamsOption,
     for key, default, help_text in describe():
         table.add_row(key, default, help_text)
     console.print(table)
+
+
+data_app = typer.Typer(help="Data generation and import.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("coding")
+def data_coding(params: Optional[Path] = ParamsOption) -> None:
+    """Generate MAT-Coding train/test items with sandbox-verified teacher trajectories (the `data` stage)."""
+    _run_stage("data", params)
 
 
 sandbox_app = typer.Typer(help="The code tool's sandbox.", no_args_is_help=True)

@@ -26,7 +26,10 @@ class PathsConfig(Section):
 
     base_model: str = Field("models/base", description="Output of the model stage: the base model and processor.")
     mat_coding: str = Field("data/mat_coding", description="Output of the data stage: MAT-Coding manifests and images.")
+    data_report: str = Field("reports/data.json", description="Data generation report: counts, reject rates.")
+    contact_sheet: str = Field("reports/contact_sheet.png", description="Clean / corrupted / fixed grid per type.")
     validation_report: str = Field("reports/validation.json", description="Validation report (GX results per item).")
+    data_docs: str = Field("reports/data_docs", description="Great Expectations Data Docs (HTML).")
     trained_model: str = Field("models/trained", description="Output of the train stage: the trained model.")
     train_metrics: str = Field("reports/train.json", description="Final training metrics (DVC metrics file).")
     train_log: str = Field("reports/train_log.csv", description="Per-step training log (DVC plots file).")
@@ -79,28 +82,72 @@ class CorruptionRanges(Section):
     """Ranges the seeded draws of each corruption come from (uniform between the two values)."""
 
     dark_factor: tuple[float, float] = Field((0.15, 0.35), description="Brightness multiplier for 'dark'.")
-    overexposure_factor: tuple[float, float] = Field((2.0, 3.0), description="Brightness multiplier for "
+    overexposure_factor: tuple[float, float] = Field((1.4, 2.0), description="Brightness multiplier for "
                                                      "'overexposure' (values clip at white).")
     blur_radius: tuple[float, float] = Field((1.5, 3.0), description="Gaussian blur radius in pixels for 'blur'.")
     noise_std: tuple[float, float] = Field((20.0, 45.0), description="Gaussian noise std (0-255 scale) for 'noise'.")
+    crop_margin: int = Field(4, description="Pixels added around a text region before it is turned into the "
+                             "question's 0-1000 box.", ge=0)
+
+
+class TeacherConfig(Section):
+    """Teacher trajectories: each item's fix is executed in the sandbox and kept only if it restores the image."""
+
+    verify: bool = Field(True, description="Execute every teacher <code> in the sandbox and check its output.")
+    min_psnr_gain_db: dict[str, float] = Field(
+        {"dark": 3.0, "overexposure": 1.0, "noise": 1.0, "blur": 0.2},
+        description="PSNR gain (dB, fixed vs corrupted, against the clean image) a photometric fix must reach; "
+        "for several photometric labels the smallest applies. Rotations must restore exactly, crops must equal "
+        "the region.")
+    max_candidates_factor: float = Field(2.0, description="Give up when this many candidates per requested item "
+                                         "were rejected (raises with the reject reasons).", ge=1.0)
+
+
+class SourceWeights(Section):
+    """Which sources items are drawn from, by weight (0 disables a source)."""
+
+    synthetic: float = Field(1.0, description="Synthetic text scenes rendered with Pillow (exact ground truth).",
+                             ge=0)
+    easy_vqa: float = Field(0.0, description="easy-vqa shape/colour images and questions.", ge=0)
+    pdf: float = Field(0.0, description="Pages of the PDFs in data.pdf_paths (word boxes for region questions).",
+                       ge=0)
+    vqa_import: float = Field(0.0, description="A user's VQA set (data.vqa_import).", ge=0)
+
+
+class VqaImportConfig(Section):
+    """A user's VQA set: JSONL or CSV plus an image folder."""
+
+    path: str | None = Field(None, description="JSONL or CSV file, relative to the project root.")
+    image_dir: str | None = Field(None, description="Folder the rows' image names are relative to.")
+    fields: dict[str, str] = Field({}, description="Our field (id, image, question, answers) -> the file's column.")
 
 
 class DataConfig(Section):
     """MAT-Coding data generation."""
 
-    source: Literal["easy-vqa"] = Field("easy-vqa", description="Image-QA source the items are drawn from.")
     seed: int = Field(1234, description="Seed of every draw (items, corruptions, parameters).")
     n_train: int = Field(48, description="Training items.", ge=1)
-    n_test: int = Field(16, description="Test items.", ge=1)
-    image_size: int = Field(112, description="Source images are resized to this square size (pixels).", ge=28)
+    n_test: int = Field(16, description="Test items (paper: 200).", ge=1)
+    hard_fraction: float = Field(0.65, description="Share of Hard items (paper: 130/200).", ge=0.0, le=1.0)
+    sources: SourceWeights = Field(default_factory=SourceWeights, description="Source mix by weight.")
+    synthetic_size: tuple[int, int] = Field((512, 384), description="Synthetic scene size (width, height).")
+    cjk_fraction: float = Field(0.25, description="Share of Chinese synthetic scenes when a CJK font is "
+                                "available (paper: 46/200 answers are Chinese).", ge=0.0, le=1.0)
+    cjk_font: str | None = Field(None, description="Path to a CJK font (else ARFT_CJK_FONT, else system fonts).")
+    pdf_paths: list[str] = Field([], description="PDFs for the pdf source, relative to the project root.")
+    vqa_import: VqaImportConfig = Field(default_factory=VqaImportConfig, description="A user's VQA set.")
+    image_size: int = Field(112, description="easy-vqa images are resized to this square size (pixels).", ge=28)
     simple: list[str] = Field(
         ["rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "none"],
-        description="Single degradations of the Simple split.")
+        description="Single degradations of the Simple split (cycled, so each gets an equal share).")
     hard: list[list[str]] = Field(
-        [["rotation90", "dark"], ["rotation180", "noise"], ["blur", "noise"], ["rotation90", "overexposure"]],
-        description="Compositional degradations of the Hard split, applied in order.")
-    hard_fraction: float = Field(0.65, description="Share of Hard items (paper: 130/200).", ge=0.0, le=1.0)
+        [["rotation90", "dark"], ["rotation180", "noise"], ["blur", "noise"], ["rotation90", "overexposure"],
+         ["rotation180", "blur"], ["dark", "noise"], ["crop"]],
+        description="Hard types: compositional degradations (applied in order) and crop (a region question).")
     ranges: CorruptionRanges = Field(default_factory=CorruptionRanges, description="Corruption parameter ranges.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher trajectories.")
+    workers: int = Field(2, description="Processes building items, each with its own warm sandbox for the "
+                         "teacher check.", ge=1)
 
 
 class ValidationConfig(Section):
@@ -109,6 +156,11 @@ class ValidationConfig(Section):
     known_labels: list[str] = Field(
         ["rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none"],
         description="Corruption labels an item's `type` may use.")
+    min_side: int = Field(28, description="Smallest image side accepted (pixels).", ge=1)
+    max_side: int = Field(4096, description="Largest image side accepted (pixels).", ge=1)
+    max_quarantined_fraction: float = Field(
+        0.0, description="Share of items that may be quarantined before validation fails the pipeline.",
+        ge=0.0, le=1.0)
 
 
 class TrainConfig(Section):

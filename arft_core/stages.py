@@ -21,10 +21,24 @@ def model_stage(cfg: Config) -> dict:
 
 
 def data_stage(cfg: Config) -> dict:
+    import mlflow
+
+    from arft_core.data.contact_sheet import contact_sheet
     from arft_core.data.mat_coding import generate
 
     with progress_bar("generating MAT-Coding items", cfg.data.n_train + cfg.data.n_test) as advance:
-        return generate(cfg.data, cfg.path("mat_coding"), advance)
+        report = generate(cfg.data, cfg.path("mat_coding"), cfg.root, cfg.sandbox, advance)
+    write_json_atomic(cfg.path("data_report"), report)
+    data_dir = cfg.path("mat_coding")
+    sheet = contact_sheet(load_manifest(data_dir, "train") + load_manifest(data_dir, "test"), data_dir,
+                          cfg.path("contact_sheet"))
+    for artifact in (cfg.path("data_report"), sheet):
+        mlflow.log_artifact(str(artifact))
+    print(f"{sum(m['n'] for m in report['manifests'].values())} items from {report['candidates']} candidates "
+          f"(reject rate {report['reject_rate']:.1%}), {report['items_per_second']} items/s; "
+          f"contact sheet: {sheet}")
+    return {"items": sum(m["n"] for m in report["manifests"].values()), "candidates": report["candidates"],
+            "reject_rate": report["reject_rate"], "items_per_second": report["items_per_second"]}
 
 
 def validate_stage(cfg: Config) -> dict:
@@ -33,16 +47,23 @@ def validate_stage(cfg: Config) -> dict:
     from arft_core.validation import ValidationFailed, format_report, validate_manifests
 
     data_dir = cfg.path("mat_coding")
-    report = validate_manifests({m: load_manifest(data_dir, m) for m in MANIFESTS}, data_dir, cfg.validation)
+    expected = {m: {"n": n, "hard": round(n * cfg.data.hard_fraction) if cfg.data.hard else 0}
+                for m, n in (("train", cfg.data.n_train), ("test", cfg.data.n_test))}
+    docs = cfg.path("data_docs")
+    report = validate_manifests({m: load_manifest(data_dir, m) for m in MANIFESTS}, data_dir, cfg.validation,
+                                expected, docs)
     report_path = cfg.path("validation_report")
     write_json_atomic(report_path, report)
     mlflow.log_artifact(str(report_path))
+    mlflow.log_artifacts(str(docs), artifact_path="data_docs")
     text = format_report(report)
     if not report["success"]:
         raise ValidationFailed(f"{text}\nfull report: {report_path}")
     print(text)
     n_failed = sum(len(m["failures"]) for m in report["manifests"].values())
-    return {"items": sum(m["n_items"] for m in report["manifests"].values()), "failed_expectations": n_failed}
+    n_quarantined = sum(len(q) for q in report["quarantined"].values())
+    return {"items": sum(m["n_items"] for m in report["manifests"].values()), "failed_expectations": n_failed,
+            "quarantined": n_quarantined}
 
 
 def train_stage(cfg: Config) -> dict:

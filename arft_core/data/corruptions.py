@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import cv2
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from arft_core.config import CorruptionRanges
 
@@ -27,8 +28,8 @@ def rotation180(img, rng, ranges):
 
 
 def _scale(img: Image.Image, factor: float) -> Image.Image:
-    arr = np.asarray(img, dtype=np.float32) * factor
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    # Saturating multiply in OpenCV: the same result as clip(x * factor) rounded, several times faster.
+    return Image.fromarray(cv2.convertScaleAbs(np.asarray(img), alpha=factor, beta=0))
 
 
 def dark(img, rng, ranges):
@@ -42,13 +43,14 @@ def overexposure(img, rng, ranges):
 
 
 def blur(img, rng, ranges):
-    radius = _uniform(rng, ranges.blur_radius)
-    return img.filter(ImageFilter.GaussianBlur(radius)), {"radius": radius}
+    radius = _uniform(rng, ranges.blur_radius)  # the Gaussian's standard deviation, in pixels
+    return Image.fromarray(cv2.GaussianBlur(np.asarray(img), (0, 0), radius)), {"radius": radius}
 
 
 def noise(img, rng, ranges):
     std = _uniform(rng, ranges.noise_std)
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, std, size=np.asarray(img).shape)
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr + rng.standard_normal(size=arr.shape, dtype=np.float32) * np.float32(std)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), {"std": std}
 
 

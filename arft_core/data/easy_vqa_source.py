@@ -2,37 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
 
 import numpy as np
+from PIL import Image
+
+from arft_core.data.sources import SourceItem
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    image_path: Path
-    question: str
-    answers: list[str]
-    source_id: str
-
-
-def sample_easy_vqa(n: int, rng: np.random.Generator, split: str) -> list[SourceItem]:
-    """`n` distinct questions, each on a distinct image, from easy-vqa's `split` ('train' or 'test')."""
+@lru_cache(maxsize=2)
+def _load(split: str):
     import easy_vqa
 
     if split == "train":
-        questions, answers, image_ids = easy_vqa.get_train_questions()
-        images = easy_vqa.get_train_image_paths()
-    else:
-        questions, answers, image_ids = easy_vqa.get_test_questions()
-        images = easy_vqa.get_test_image_paths()
-    order = rng.permutation(len(questions))
-    items, used_images = [], set()
-    for i in order:
-        if image_ids[i] in used_images:
-            continue
-        used_images.add(image_ids[i])
-        items.append(SourceItem(Path(images[image_ids[i]]), questions[i], [answers[i]], f"easy-vqa/{split}/{i}"))
-        if len(items) == n:
-            return items
-    raise ValueError(f"easy-vqa {split} has only {len(items)} distinct images; asked for {n}")
+        return easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()
+    return easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()
+
+
+class EasyVqa:
+    """Questions about one shape per 64x64 image (shape, colour, yes/no), resized to `image_size`."""
+
+    name = "easy_vqa"
+
+    def __init__(self, split: str = "train", image_size: int = 112):
+        self.split, self.image_size = split, image_size
+
+    def sample(self, rng: np.random.Generator, index: int) -> SourceItem:
+        (questions, answers, image_ids), images = _load(self.split)
+        i = int(rng.integers(len(questions)))
+        img = Image.open(images[image_ids[i]]).convert("RGB").resize((self.image_size,) * 2, Image.BICUBIC)
+        return SourceItem(image=img, question=questions[i], answers=[answers[i]], source=self.name,
+                          source_id=f"{self.split}/{i}")
