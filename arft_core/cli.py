@@ -116,6 +116,49 @@ def data_coding(params: Optional[Path] = ParamsOption) -> None:
     _run_stage("data", params)
 
 
+@data_app.command("import-coding")
+def data_import_coding(
+    manifest: Path = typer.Argument(..., help="The paper's MAT-Coding JSON (id, question, answers, "
+                                    "ori_image_path, processed_image_path, type, split)."),
+    images: Path = typer.Option(..., "--images", help="Folder the JSON's image paths are relative to."),
+    out: Path = typer.Option(..., "--out", help="Folder for the imported test.json, images/ and quarantine.json."),
+    params: Optional[Path] = ParamsOption,
+) -> None:
+    """Import MAT-Coding items (e.g. the real benchmark): invalid items are quarantined with a reason, valid ones
+    are copied into OUT and validated with the same Great Expectations suite as generated data."""
+    import shutil
+
+    from arft_core.config import ConfigError, ValidationConfig, load_config
+    from arft_core.data.importers import import_mat_coding
+    from arft_core.data.mat_coding import write_json_atomic
+    from arft_core.validation import format_report, validate_manifests
+
+    try:
+        cfg = load_config(params).validation
+    except ConfigError:
+        cfg = ValidationConfig()
+    try:
+        result = import_mat_coding(manifest, images)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), 2)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for item in result.items:
+        for key in ("ori_image_path", "processed_image_path"):
+            if item.get(key):
+                shutil.copyfile(images / item[key], out / "images" / Path(item[key]).name)
+                item[key] = f"images/{Path(item[key]).name}"
+    write_json_atomic(out / "test.json", result.items)
+    result.write_quarantine(out / "quarantine.json")
+    for q in result.quarantined:
+        err.print(f"quarantined: {q['reason']}", highlight=False)
+    report = validate_manifests({"test": result.items}, out, cfg)
+    console.print(format_report(report), highlight=False)
+    console.print(f"imported {len(result.items)} items, quarantined {len(result.quarantined)} "
+                  f"({out / 'quarantine.json'})", highlight=False)
+    if not report["success"]:
+        raise typer.Exit(1)
+
+
 sandbox_app = typer.Typer(help="The code tool's sandbox.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 

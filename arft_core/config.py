@@ -109,6 +109,7 @@ class SourceWeights(Section):
     synthetic: float = Field(1.0, description="Synthetic text scenes rendered with Pillow (exact ground truth).",
                              ge=0)
     easy_vqa: float = Field(0.0, description="easy-vqa shape/colour images and questions.", ge=0)
+    photos: float = Field(0.0, description="scikit-image's bundled photographs with coloured text labels.", ge=0)
     pdf: float = Field(0.0, description="Pages of the PDFs in data.pdf_paths (word boxes for region questions).",
                        ge=0)
     vqa_import: float = Field(0.0, description="A user's VQA set (data.vqa_import).", ge=0)

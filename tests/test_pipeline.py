@@ -162,8 +162,20 @@ def test_validate_cli_names_the_broken_item(pipeline_project):
     (project / "data" / "mat_coding" / manifest[0]["processed_image_path"]).write_bytes(b"corrupt")
     proc = arft("validate", cwd=project, check=False)
     assert proc.returncode == 1
-    assert f"item id={manifest[0]['id']}: bad processed_image" in proc.stderr
+    assert f"item id={manifest[0]['id']}: bad image" in proc.stderr
     assert "expect_column_values_to_be_in_set" in proc.stderr
+
+
+def test_changing_a_corruption_parameter_reruns_data_generation(pipeline_project):
+    project, _ = pipeline_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["ranges"]["dark_factor"] = [0.2, 0.3]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "data" in dvc("status", cwd=project)
+    out = dvc("repro", "--single-item", "data", cwd=project)
+    assert stages_run(out) == ["data"]
+    report = json.loads((project / "reports" / "data.json").read_text())
+    assert report["manifests"]["train"]["n"] == 8 and (project / "reports" / "contact_sheet.png").is_file()
 
 
 def test_failed_validation_stops_the_chain(tmp_path, prefect_server, project_copy):

@@ -72,3 +72,42 @@ def test_train_test_image_overlap_is_caught(dataset):
     items[0]["phash"] = load_manifest(dataset, "train")[0]["phash"]
     report = _validate(dataset, items)
     assert f"item id={items[0]['id']}: image also in the other split" in format_report(report)
+
+
+def test_real_mat_coding_items_import_and_pass_validation(tmp_path):
+    from arft_core.data.importers import import_mat_coding
+    from conftest import SHARED
+
+    demo = SHARED / "mat-coding-demo"
+    result = import_mat_coding(demo / "coding_case.json", demo)
+    assert len(result.items) == 6 and result.quarantined == []
+    report = validate_manifests({"test": result.items}, demo, CFG)
+    assert report["success"], format_report(report)
+
+
+def test_import_cli_quarantines_the_malformed_and_keeps_the_rest(tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import SHARED
+
+    demo = SHARED / "mat-coding-demo"
+    src = tmp_path / "src"
+    shutil.copytree(demo, src)
+    items = json.loads((src / "coding_case.json").read_text())
+    del items[0]["answers"]                                   # missing field
+    (src / "broken.png").write_bytes(b"not an image")
+    items[1]["processed_image_path"] = "broken.png"           # unreadable image
+    items[2]["id"] = items[3]["id"]                           # duplicate id (the later one is quarantined)
+    (src / "coding_case.json").write_text(json.dumps(items, ensure_ascii=False))
+    proc = subprocess.run([sys.executable, "-m", "arft_core.cli", "data", "import-coding", "coding_case.json",
+                           "--images", ".", "--out", str(tmp_path / "out")], cwd=src, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"item {items[0]['id']}: field 'answers'" in proc.stderr
+    assert f"item {items[1]['id']}: field 'processed_image_path'" in proc.stderr and "does not decode" in proc.stderr
+    assert f"field 'id'" in proc.stderr
+    kept = json.loads((tmp_path / "out" / "test.json").read_text())
+    assert len(kept) == 3 and "validation passed" in proc.stdout
+    assert len(json.loads((tmp_path / "out" / "quarantine.json").read_text())) == 3

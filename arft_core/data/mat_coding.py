@@ -84,6 +84,10 @@ def _sources(cfg_json: str, root: str, split: str) -> tuple[list, np.ndarray]:
         from arft_core.data.easy_vqa_source import EasyVqa
 
         chosen.append((EasyVqa(split, cfg.image_size), w.easy_vqa))
+    if w.photos:
+        from arft_core.data.sources.photos import PhotoLabels
+
+        chosen.append((PhotoLabels(tuple(cfg.synthetic_size)), w.photos))
     if w.pdf:
         from arft_core.data.sources.pdf import PdfPages
 
