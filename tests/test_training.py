@@ -12,6 +12,8 @@ from arft_core.model.embedded import load_model, prepare_base_model
 from arft_core.training import train
 
 MODEL = ModelConfig(embedded={"vocab_size": 1024})
+# Small easy-vqa images keep the tiny model's prompts short.
+DATA = dict(sources={"synthetic": 0, "easy_vqa": 1}, hard=[["rotation90", "dark"]])
 
 
 def length_reward(completions, **_):
@@ -22,7 +24,7 @@ def length_reward(completions, **_):
 def test_paper_rewards_give_zero_advantage_to_a_tagless_policy(tmp_path: Path):
     base, data = tmp_path / "base", tmp_path / "data"
     prepare_base_model(MODEL, base)
-    generate(DataConfig(n_train=2, n_test=1), data)
+    generate(DataConfig(n_train=2, n_test=1, **DATA), data, tmp_path)
     cfg = TrainConfig(max_steps=1, per_device_train_batch_size=2, num_generations=2, max_completion_length=4)
     logged = []
     train(MODEL, cfg, base, data, tmp_path / "out", tmp_path / "log.csv", sink=lambda m, s: logged.append(m))
@@ -34,7 +36,7 @@ def test_paper_rewards_give_zero_advantage_to_a_tagless_policy(tmp_path: Path):
 def test_grpo_updates_weights_and_logs_rewards(tmp_path: Path):
     base, data, out = tmp_path / "base", tmp_path / "data", tmp_path / "trained"
     prepare_base_model(MODEL, base)
-    generate(DataConfig(n_train=4, n_test=3), data)
+    generate(DataConfig(n_train=4, n_test=3, **DATA), data, tmp_path)
     cfg = TrainConfig(max_steps=2, per_device_train_batch_size=2, num_generations=2, max_completion_length=6,
                       learning_rate=1e-2, reward_weights=[1.0])
     logged = []
