@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml requirements/constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements/constraints-cpu.txt -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps fanoutqa==1.1.1  # data only (FanOutQA dev set), not its spaCy runtime
 	touch $(STAMP)
 
 run: install  ## install, then run the whole pipeline on the embedded offline default
@@ -24,6 +25,7 @@ test: install  ## install, then run the test suite
 lock:  ## re-resolve the CPU lock from pyproject.toml (torch pinned to the CPU build)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q torch==2.13.0 -e ".[test]"
+	.lock-venv/bin/pip install -q --no-deps fanoutqa==1.1.1
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^arft' > requirements/constraints-cpu.txt
 	rm -rf .lock-venv
 

@@ -78,6 +78,31 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
         console.print(f"{name + ':':<20} {cfg.path(name)}", highlight=False)
 
 
+@app.command("search")
+def search_cmd(query: str = typer.Argument(..., help="What to search for."),
+               backend: Optional[str] = typer.Option(None, "--backend", "-b", help="local, serper or brave "
+                                                     "(default: search.backend)."),
+               k: Optional[int] = typer.Option(None, "-k", help="Results (default: search.top_k)."),
+               mode: Optional[str] = typer.Option(None, "--mode", help="live, record or replay (default: "
+                                                  "search.mode)."),
+               params: Optional[Path] = ParamsOption) -> None:
+    """Search with the configured tool (through the cache) and print the results as JSON."""
+    from dataclasses import asdict
+
+    from arft_core.config import ConfigError, load_config
+    from arft_core.search import SearchError
+    from arft_core.stages import open_search
+
+    try:
+        cfg = load_config(params)
+        updates = {k_: v for k_, v in (("backend", backend), ("mode", mode), ("top_k", k)) if v is not None}
+        cfg.search = type(cfg.search).model_validate({**cfg.search.model_dump(), **updates})
+        results = open_search(cfg).search(query, cfg.search.top_k)
+    except (ConfigError, SearchError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
+
+
 @app.command()
 def stages(params: Optional[Path] = ParamsOption) -> None:
     """List the stages in the order the pipeline runs them (from dvc.yaml)."""
@@ -114,6 +139,19 @@ app.add_typer(data_app, name="data")
 def data_coding(params: Optional[Path] = ParamsOption) -> None:
     """Generate MAT-Coding train/test items with sandbox-verified teacher trajectories (the `data` stage)."""
     _run_stage("data", params)
+
+
+@data_app.command("search")
+def data_search(params: Optional[Path] = ParamsOption) -> None:
+    """Import MAT-Search annotations (search_data.export, or the embedded sample) and build their step samples
+    with the search tool (the `search_data` stage)."""
+    _run_stage("search_data", params)
+
+
+@data_app.command("search-index")
+def data_search_index(params: Optional[Path] = ParamsOption) -> None:
+    """Build the local search index (the `search_index` stage)."""
+    _run_stage("search_index", params)
 
 
 @data_app.command("import-coding")

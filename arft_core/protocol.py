@@ -38,6 +38,17 @@ One Python code block using OpenCV to perform the operation, and save the proces
 
 # Current reasoning chain:"""
 
+# The paper's search prompt, verbatim (spec §2.2; several lines end with two spaces, kept on purpose).
+SEARCH_SYSTEM_PROMPT = '# Role  \nYou are a step-by-step multimodal reasoning assistant.  \nGiven an image, a question, and optional partial reasoning chain, your task is to solve the problem **one substep at a time**.  \n\n# Guiding Principles  \nAt each turn, you must **either**:  \n1. Issue **one specific, text-only search** enclosed in <search> </search> tags,  \n2. Or provide the **final answer** enclosed in <answer> </answer> tags.  \n\nAll outputs **must begin with a thought** enclosed in <think> </think> tags, explaining your current reasoning and what to do next.  \n\n- Do not reference “the image” in your searches.  \n- Do not repeat past queries.  \n- Only output **one action per step**: either <search> or <answer>, never both.  \n- When ready to conclude, summarize reasoning and give a final answer.\n\n# Output Format (strict):  \nAlways start with <think>. Do not output the previous reasoning chain. Then, depending on the case, output one of the following:\n\n## 1. If reasoning continues:  \n<think> Your current reasoning and next plan </think>  \n<search> One precise, retrievable textual query </search>\n\n## 2. If ready to conclude:  \n<think> Summarize all reasoning and derive the answer </think>  \n<answer> Final answer, as briefly as possible </answer>\n\n# Current reasoning chain:'
+
+
+def search_prompt(question: str, with_image: bool = True) -> list[dict]:
+    """Chat messages for one MAT-Search question (text-only multi-hop QA passes `with_image=False`)."""
+    text = f"{SEARCH_SYSTEM_PROMPT}\n<query> {question} </query>"
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_STEP = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 _TAGS = ("<think>", "<answer>", "<code>", "<problem>", "<search>")

@@ -7,6 +7,8 @@ of `params.yaml`, and writes its outputs whole (a failed stage leaves no half-wr
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Callable
 
 from arft_core.config import Config
@@ -41,17 +43,87 @@ def data_stage(cfg: Config) -> dict:
             "reject_rate": report["reject_rate"], "items_per_second": report["items_per_second"]}
 
 
+def search_index_stage(cfg: Config) -> dict:
+    import time
+
+    from arft_core.search.local import build_index, build_wiki_corpus
+
+    started = time.perf_counter()
+    corpus = cfg.path("search_corpus")  # the stage's output: the corpus the index was built from
+    if cfg.search.corpus_path:
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cfg.root / cfg.search.corpus_path, corpus)
+        n_docs = None
+    else:
+        n_docs = build_wiki_corpus(corpus)
+    build_index(corpus, cfg.root / cfg.search.index_dir)
+    seconds = round(time.perf_counter() - started, 2)
+    print(f"indexed {corpus} into {cfg.root / cfg.search.index_dir} in {seconds} s")
+    return {"documents": n_docs or sum(1 for _ in corpus.open()), "seconds": seconds}
+
+
+def open_search(cfg: Config):
+    """The configured backend behind its cache (`search.cache_path`, `search.mode`): how stages search."""
+    from arft_core.search import make_backend
+
+    return make_backend(cfg.search, cfg.root)
+
+
+def search_data_stage(cfg: Config) -> dict:
+    import mlflow
+
+    from arft_core.data.search_import import import_search
+    from arft_core.data.search_steps import search_step_samples
+
+    d = cfg.search_data
+    if d.export is None:
+        from arft_core.data.search_sample import write_sample
+
+        export = write_sample(cfg.path("search_sample"), "jsonl")
+        image_dir = export.parent
+    else:
+        export = cfg.root / d.export
+        image_dir = cfg.root / (d.image_dir or Path(d.export).parent)
+    out = cfg.path("mat_search")
+    previous = load_manifest(out, "all") if (out / "all.json").is_file() else None
+    result = import_search(export, image_dir, out, d.format, d.fields or None, previous, d.test_fraction)
+    result.write_quarantine(out / "quarantine.json")
+    for q in result.quarantined:
+        print(f"quarantined: {q['reason']}")
+    write_json_atomic(out / "all.json", result.items)
+    for part in ("train", "test"):
+        write_json_atomic(out / f"{part}.json", [i for i in result.items if i.get("partition") == part])
+    search = open_search(cfg)
+    train = [i for i in result.items if i.get("partition") == "train"]
+    with progress_bar("search step samples", len(train)) as advance:
+        steps = []
+        for item in train:
+            steps += search_step_samples(item, search, cfg.search.top_k)
+            advance(1)
+    write_json_atomic(out / "train_steps.json", steps)
+    mlflow.log_artifact(str(out / "quarantine.json"))
+    return {"items": len(result.items), "quarantined": len(result.quarantined), "step_samples": len(steps),
+            "cache_hits": search.stats.hits, "backend_calls": search.stats.backend_calls}
+
+
 def validate_stage(cfg: Config) -> dict:
     import mlflow
 
-    from arft_core.validation import ValidationFailed, format_report, validate_manifests
+    from arft_core.validation import (ValidationFailed, format_report, merge_reports, new_context,
+                                      validate_manifests)
 
     data_dir = cfg.path("mat_coding")
     expected = {m: {"n": n, "hard": round(n * cfg.data.hard_fraction) if cfg.data.hard else 0}
                 for m, n in (("train", cfg.data.n_train), ("test", cfg.data.n_test))}
     docs = cfg.path("data_docs")
+    context = new_context(docs)
     report = validate_manifests({m: load_manifest(data_dir, m) for m in MANIFESTS}, data_dir, cfg.validation,
-                                expected, docs)
+                                expected, context=context)
+    search_dir = cfg.path("mat_search")
+    search = validate_manifests({m: load_manifest(search_dir, m) for m in MANIFESTS}, search_dir, cfg.validation,
+                                kind="search", context=context)
+    context.build_data_docs(site_names=["arft"])
+    report = merge_reports({"coding": report, "search": search})
     report_path = cfg.path("validation_report")
     write_json_atomic(report_path, report)
     mlflow.log_artifact(str(report_path))
@@ -111,6 +183,8 @@ def register_stage(cfg: Config) -> dict:
 STAGES: dict[str, Callable[[Config], dict]] = {
     "model": model_stage,
     "data": data_stage,
+    "search_index": search_index_stage,
+    "search_data": search_data_stage,
     "validate": validate_stage,
     "train": train_stage,
     "evaluate": evaluate_stage,
@@ -121,6 +195,8 @@ STAGES: dict[str, Callable[[Config], dict]] = {
 SECTIONS: dict[str, list[str]] = {
     "model": ["model"],
     "data": ["data"],
+    "search_index": ["search"],
+    "search_data": ["search_data", "search"],
     "validate": ["validation"],
     "train": ["train", "model"],
     "evaluate": ["eval"],

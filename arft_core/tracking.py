@@ -83,9 +83,11 @@ def _locked_out_hashes(root: Path, exclude_stage: str) -> dict[str, str]:
 
 
 def input_hashes(root: Path, stage: str) -> dict[str, str]:
-    """{dep path: hash} for the stage's dvc.yaml deps (params.yaml included)."""
+    """{dep path: hash} for the stage's dvc.yaml deps (params.yaml included); empty outside a DVC project."""
     from arft_core.dag import stage_deps
 
+    if not (root / "dvc.yaml").is_file():
+        return {}
     locked = _locked_out_hashes(root, stage)
     return {dep: locked.get(dep) or content_hash(root / dep) for dep in stage_deps(root, stage)}
 

@@ -99,7 +99,7 @@ ROW_WHAT = {
     ("expect_column_value_lengths_to_be_between", "question"): "empty question",
     ("expect_column_values_to_be_between", "n_answers"): "no non-empty answer",
     ("expect_column_values_to_match_regex", "type"): "unknown corruption label in type",
-    ("expect_column_values_to_be_in_set", "in_other_split"): "image also in the other split (perceptual hash)",
+    ("expect_column_values_to_be_in_set", "in_other_split"): "image also in the other split",
 }
 
 
@@ -145,24 +145,81 @@ def _context(docs_dir: Path | None):
     return context
 
 
-def validate_manifests(manifests: dict[str, list[dict]], data_dir: Path, cfg: ValidationConfig,
-                       expected: dict[str, dict] | None = None, docs_dir: Path | None = None) -> dict:
-    """Run the suite on each manifest. Returns the report: `success`, per-manifest failures with item ids, and
-    `quarantined` (item id -> reasons) for rows that broke row-level expectations. With `docs_dir`, Data Docs
-    (HTML) are written there."""
+def search_frame(items: list[dict], data_dir: Path, cfg: ValidationConfig | None = None,
+                 other_hashes: set[str] | None = None) -> pd.DataFrame:
+    """One row per MAT-Search item with the facts the search suite checks."""
+    rows = []
+    for pos, item in enumerate(items):
+        answers = item.get("answers") if isinstance(item.get("answers"), list) else []
+        gold = item.get("gold")
+        queries = gold.get("queries") if isinstance(gold, dict) else None
+        if gold is None:
+            gold_status = "absent"
+        elif isinstance(queries, list) and queries and all(isinstance(q, str) and q.strip() for q in queries):
+            gold_status = "ok"
+        else:
+            gold_status = "malformed queries"
+        rows.append({
+            "id": item.get("id", f"<missing id at position {pos}>"),
+            "question": str(item.get("question") or ""),
+            "n_answers": sum(isinstance(a, str) and a.strip() != "" for a in answers),
+            "split": item.get("split"),
+            "is_hard": int(item.get("split") == "hard"),
+            "image": _image_status(data_dir, item.get("image_path"), cfg),
+            "gold": gold_status,
+            "in_other_split": bool(other_hashes) and item.get("image_sha256") in other_hashes,
+        })
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["id"] = df["id"].astype(str)
+    return df
+
+
+def build_search_suite(cfg: ValidationConfig, expected: dict | None = None, name: str = "mat_search_manifest"):
     import great_expectations as gx
 
-    context = _context(docs_dir)
-    source = context.data_sources.add_pandas("manifests")
-    phashes = {name: {i.get("phash") for i in items if i.get("phash")} for name, items in manifests.items()}
+    suite = gx.ExpectationSuite(name=name)
+    for exp in (
+        gx.expectations.ExpectColumnValuesToBeUnique(column="id"),
+        gx.expectations.ExpectColumnValueLengthsToBeBetween(column="question", min_value=1),
+        gx.expectations.ExpectColumnValuesToBeBetween(column="n_answers", min_value=1),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="split", value_set=["simple", "hard"]),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="image", value_set=["ok"]),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="gold", value_set=["ok", "absent"]),
+        gx.expectations.ExpectColumnValuesToBeInSet(column="in_other_split", value_set=[False]),
+    ):
+        suite.add_expectation(exp)
+    return suite
+
+
+# Each dataset kind: (frame builder, suite builder, the item field holding the image identity for overlap checks).
+KINDS = {
+    "coding": (manifest_frame, build_suite, "phash"),
+    "search": (search_frame, build_search_suite, "image_sha256"),
+}
+
+
+def validate_manifests(manifests: dict[str, list[dict]], data_dir: Path, cfg: ValidationConfig,
+                       expected: dict[str, dict] | None = None, docs_dir: Path | None = None,
+                       kind: str = "coding", context=None) -> dict:
+    """Run the suite of `kind` on each manifest. Returns the report: `success`, per-manifest failures with item
+    ids, and `quarantined` (item id -> reasons) for rows that broke row-level expectations. With `docs_dir`, Data
+    Docs (HTML) are written there. Pass `context` to validate several kinds into one Data Docs site."""
+    import great_expectations as gx
+
+    frame_fn, suite_fn, image_key = KINDS[kind]
+    own_context = context is None
+    context = context or _context(docs_dir)
+    source = context.data_sources.add_pandas(f"{kind}_manifests")
+    hashes = {name: {i.get(image_key) for i in items if i.get(image_key)} for name, items in manifests.items()}
     report: dict = {"success": True, "manifests": {}, "quarantined": {}}
     for name, items in manifests.items():
-        others = set().union(*(p for other, p in phashes.items() if other != name))
-        df = manifest_frame(items, data_dir, cfg, others)
-        suite = context.suites.add(build_suite(cfg, (expected or {}).get(name), name=f"{name}_manifest"))
-        batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(f"{name}_batch")
-        vd = context.validation_definitions.add(gx.ValidationDefinition(name=f"{name}_validation", data=batch_def,
-                                                                        suite=suite))
+        others = set().union(*(h for other, h in hashes.items() if other != name))
+        df = frame_fn(items, data_dir, cfg, others)
+        suite = context.suites.add(suite_fn(cfg, (expected or {}).get(name), name=f"{kind}_{name}_manifest"))
+        batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(f"{kind}_{name}_batch")
+        vd = context.validation_definitions.add(gx.ValidationDefinition(name=f"{kind}_{name}_validation",
+                                                                        data=batch_def, suite=suite))
         result = vd.run(batch_parameters={"dataframe": df},
                         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]})
         failures, quarantined = [], {}
@@ -183,10 +240,15 @@ def validate_manifests(manifests: dict[str, list[dict]], data_dir: Path, cfg: Va
         table_failed = any(not f["item_ids"] for f in failures)
         share = len(quarantined) / max(len(items), 1)
         report["success"] &= not table_failed and share <= cfg.max_quarantined_fraction
-    if docs_dir is not None:
+    if docs_dir is not None and own_context:
         context.build_data_docs(site_names=["arft"])
         report["data_docs"] = str(docs_dir / "index.html")
     return report
+
+
+def new_context(docs_dir: Path | None = None):
+    """A GX context shared by several `validate_manifests` calls (one Data Docs site for all)."""
+    return _context(docs_dir)
 
 
 def _explain(exp_type: str, column: str, df: pd.DataFrame, ids: list[str]) -> list[str]:
@@ -215,3 +277,14 @@ def format_report(report: dict) -> str:
         for f in m["failures"]:
             lines += [f"  [{name}] {msg}" for msg in f["messages"]]
     return "\n".join(lines)
+
+
+def merge_reports(reports: dict[str, dict]) -> dict:
+    """One report over several kinds: manifests and quarantines are keyed `<kind>/<manifest>`."""
+    merged: dict = {"success": all(r["success"] for r in reports.values()), "manifests": {}, "quarantined": {}}
+    for kind, r in reports.items():
+        for name, m in r["manifests"].items():
+            merged["manifests"][f"{kind}/{name}"] = m
+        for name, q in r["quarantined"].items():
+            merged["quarantined"][f"{kind}/{name}"] = q
+    return merged

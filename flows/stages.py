@@ -8,8 +8,29 @@ from arft_core.config import load_config
 from arft_core.stages import run_stage
 
 
+def _export_search_key(cfg) -> None:
+    """Web search keys come from the environment; when unset there, from the Prefect Secret block of the same
+    name (lower-case, dashes), so that deployments need no key in their environment. Never logged."""
+    import os
+
+    if cfg.search.backend == "local":
+        return
+    var = cfg.search.api_key_env[cfg.search.backend]
+    if os.environ.get(var):
+        return
+    from prefect.blocks.system import Secret
+
+    try:
+        os.environ[var] = Secret.load(var.lower().replace("_", "-")).get()
+    except ValueError:
+        pass  # no such block: the backend reports the missing variable by name
+
+
 def _run(stage: str, params: str | None) -> dict:
-    return run_stage(stage, load_config(params))
+    cfg = load_config(params)
+    if stage == "search_data":
+        _export_search_key(cfg)
+    return run_stage(stage, cfg)
 
 
 @flow(name="arft-model", log_prints=True)
@@ -48,9 +69,23 @@ def register_flow(params: str | None = None) -> dict:
     return _run("register", params)
 
 
+@flow(name="arft-search-index", log_prints=True)
+def search_index_flow(params: str | None = None) -> dict:
+    """Build the local search index over the corpus."""
+    return _run("search_index", params)
+
+
+@flow(name="arft-search-data", log_prints=True)
+def search_data_flow(params: str | None = None) -> dict:
+    """Import MAT-Search annotations and build their step samples through the search cache."""
+    return _run("search_data", params)
+
+
 STAGE_FLOWS = {
     "model": model_flow,
     "data": data_flow,
+    "search_index": search_index_flow,
+    "search_data": search_data_flow,
     "validate": validate_flow,
     "train": train_flow,
     "evaluate": evaluate_flow,

@@ -22,7 +22,7 @@ from conftest import arft, copy_project, write_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["model", "data", "validate", "train", "evaluate", "register"]
+STAGES = ["model", "data", "search_index", "search_data", "validate", "train", "evaluate", "register"]
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -186,9 +186,10 @@ def test_failed_validation_stops_the_chain(tmp_path, prefect_server, project_cop
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1
     assert re.search(r"item id=\d+: unknown corruption label in type \(type='dark'\)", output)
-    assert stages_run(output) == ["model", "data", "validate"]
+    assert stages_run(output) == ["model", "data", "search_index", "search_data", "validate"]
     assert not (project_copy / "models" / "trained").exists()
     runs = mlflow_client(project_copy).search_runs(
         [mlflow_client(project_copy).get_experiment_by_name("arft").experiment_id])
     statuses = {r.data.tags["arft.stage"]: r.info.status for r in runs}
-    assert statuses == {"pipeline": "FAILED", "model": "FINISHED", "data": "FINISHED", "validate": "FAILED"}
+    assert statuses == {"pipeline": "FAILED", "model": "FINISHED", "data": "FINISHED", "search_index": "FINISHED",
+                        "search_data": "FINISHED", "validate": "FAILED"}

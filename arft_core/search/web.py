@@ -1,0 +1,244 @@
+"""Web search backends: Serper (the paper's engine, Google results) and Brave, over the standard library's urllib.
+
+Shared behaviour (spec §5.3 lists what the paper's tool lacked): the API key is read from the environment at call
+time and never appears in exceptions, log records or reprs; a per-request timeout; retries with exponential,
+jittered backoff on 429 / 5xx / timeouts / connection errors (honouring `Retry-After`), none on other 4xx; and a
+thread-safe token bucket shared by every call of one backend instance.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import html
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from arft_core.config import SearchConfig
+from arft_core.search import SearchError, SearchResult
+
+log = logging.getLogger(__name__)
+
+# A server may ask for any Retry-After; past this the caller is better served by an error than by a stalled run.
+MAX_RETRY_AFTER_S = 60.0
+_ERROR_BODY_CHARS = 200
+_TAG = re.compile(r"<[^>]+>")
+
+
+class TokenBucket:
+    """Thread-safe token bucket: `rate` tokens per second, at most `burst` saved up.
+
+    A caller reserves its token under the lock (the balance may go negative) and sleeps outside it, so waiting
+    callers are served in arrival order and never hold the lock while sleeping.
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate, self.burst = float(rate), float(burst)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = self.burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping until it is available; returns the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= 1.0
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
+
+
+class _Secret:
+    """Holds the key so that no repr, str or traceback-with-locals can show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._value, "***") if self._value else text
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _clean(text: Any) -> str:
+    """Plain text from an API string field (Brave marks matches with <strong> and escapes entities)."""
+    return html.unescape(_TAG.sub("", text)).strip() if isinstance(text, str) else ""
+
+
+class _WebSearch:
+    """Request, retry, rate-limit and key handling shared by the web backends; subclasses build and parse."""
+
+    name: str
+
+    def __init__(self, cfg: SearchConfig, *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, env: Mapping[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.key_env = cfg.api_key_env.get(self.name, f"{self.name.upper()}_API_KEY")
+        self._sleep = sleep
+        self._env = env
+        self._bucket = TokenBucket(cfg.rate_per_s, cfg.burst, clock=clock, sleep=sleep)
+        self.attempts = 0  # HTTP requests sent by this instance (tests and diagnostics)
+        self._count_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self._url()!r}, key_env={self.key_env!r})"
+
+    # -- subclass hooks -------------------------------------------------------------------------------------------
+    def _url(self) -> str:
+        raise NotImplementedError
+
+    def _request(self, query: str, k: int, key: _Secret) -> urllib.request.Request:
+        raise NotImplementedError
+
+    def _parse(self, payload: Any) -> list[SearchResult]:
+        raise NotImplementedError
+
+    # -- shared behaviour -----------------------------------------------------------------------------------------
+    def _key(self) -> _Secret:
+        env = os.environ if self._env is None else self._env
+        value = env.get(self.key_env, "")
+        if not value:
+            raise SearchError(f"{self.name} search needs an API key: set the environment variable {self.key_env}")
+        return _Secret(value)
+
+    def _attempt(self, req: urllib.request.Request, key: _Secret) -> Any:
+        self._bucket.acquire()
+        with self._count_lock:
+            self.attempts += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = key.scrub(e.read(_ERROR_BODY_CHARS).decode("utf-8", "replace")).strip()
+            except Exception:  # noqa: BLE001 - the body is only decoration for the error message
+                detail = ""
+            finally:
+                e.close()
+            if e.code == 429 or e.code >= 500:
+                raise _Retryable(f"HTTP {e.code}", _parse_retry_after(e.headers.get("Retry-After"))) from None
+            raise SearchError(f"{self.name} search failed: HTTP {e.code} {key.scrub(str(e.reason))}: {detail}") from None
+        except (TimeoutError, socket.timeout):
+            raise _Retryable(f"timed out after {self.cfg.timeout_s:g} s") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"timed out after {self.cfg.timeout_s:g} s") from None
+            raise _Retryable(f"connection error: {key.scrub(str(e.reason))}") from None
+        except (ConnectionError, http.client.HTTPException) as e:
+            raise _Retryable(f"connection error: {key.scrub(type(e).__name__ + ': ' + str(e))}") from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise SearchError(f"{self.name} search failed: the response is not JSON") from None
+
+    def search(self, query: str, k: int) -> list[SearchResult]:
+        key = self._key()
+        req = self._request(query, k, key)
+        tries = self.cfg.retries + 1
+        for attempt in range(tries):
+            try:
+                payload = self._attempt(req, key)
+            except _Retryable as e:
+                if attempt + 1 >= tries:
+                    raise SearchError(f"{self.name} search failed after {tries} attempts for query {query!r}: "
+                                      f"{e.reason}") from None
+                backoff = self.cfg.backoff_s * 2 ** attempt * random.uniform(1.0, 1.25)
+                delay = e.retry_after if e.retry_after is not None else backoff
+                log.warning("%s search attempt %d/%d failed (%s); retrying in %.2f s", self.name, attempt + 1,
+                            tries, e.reason, delay)
+                self._sleep(delay)
+                continue
+            if not isinstance(payload, dict):
+                raise SearchError(f"{self.name} search failed: unexpected response shape")
+            return self._parse(payload)[:k]
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class SerperSearch(_WebSearch):
+    """google.serper.dev: POST `{"q", "num"}` with header X-API-KEY; results from `organic[*]`."""
+
+    name = "serper"
+
+    def _url(self) -> str:
+        return self.cfg.serper_url
+
+    def _request(self, query: str, k: int, key: _Secret) -> urllib.request.Request:
+        return urllib.request.Request(
+            self._url(), data=json.dumps({"q": query, "num": k}).encode(), method="POST",
+            headers={"X-API-KEY": key.reveal(), "Content-Type": "application/json", "Accept": "application/json"})
+
+    def _parse(self, payload: Any) -> list[SearchResult]:
+        # The paper's tool raised on a missing `organic` key; no organic results is an empty answer.
+        items = payload.get("organic") or []
+        return [SearchResult(title=_clean(it.get("title")), snippet=_clean(it.get("snippet")),
+                             source=str(it.get("link") or "")) for it in items if isinstance(it, dict)]
+
+
+class BraveSearch(_WebSearch):
+    """Brave Search API: GET `?q=&count=` with header X-Subscription-Token; results from `web.results[*]`."""
+
+    name = "brave"
+
+    def _url(self) -> str:
+        return self.cfg.brave_url
+
+    def _request(self, query: str, k: int, key: _Secret) -> urllib.request.Request:
+        url = f"{self._url()}?{urllib.parse.urlencode({'q': query, 'count': k})}"
+        return urllib.request.Request(url, method="GET",
+                                      headers={"X-Subscription-Token": key.reveal(), "Accept": "application/json"})
+
+    def _parse(self, payload: Any) -> list[SearchResult]:
+        web = payload.get("web")
+        items = (web.get("results") if isinstance(web, dict) else None) or []
+        return [SearchResult(title=_clean(it.get("title")), snippet=_clean(it.get("description")),
+                             source=str(it.get("url") or "")) for it in items if isinstance(it, dict)]
