@@ -102,7 +102,7 @@ def test_prefect_recorded_the_flow_runs(pipeline_project):
         runs = client.read_flow_runs()
         names = {client.read_flow(r.flow_id).name: r.state.type.value for r in runs}
     assert names["arft-pipeline"] == "COMPLETED"
-    assert all(names[f"arft-{s}"] == "COMPLETED" for s in STAGES)
+    assert all(names[f"arft-{s.replace('_', '-')}"] == "COMPLETED" for s in STAGES)
 
 
 def _free_port() -> int:
