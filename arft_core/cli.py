@@ -70,7 +70,7 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     uri = cfg.tracking_uri()
     console.rule("arft pipeline finished")
     for stage, status in result["stages"].items():
-        console.print(f"  {stage:<9} {status}")
+        console.print(f"  {stage:<13} {status}")
     console.print(f"MLflow tracking URI: {uri}", highlight=False)
     console.print(f"MLflow parent run:   {result['mlflow_run_id']}", highlight=False)
     console.print(f"Browse the runs:     mlflow ui --backend-store-uri {uri}", highlight=False)
