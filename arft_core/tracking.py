@@ -50,11 +50,8 @@ def git_tags(root: Path) -> dict[str, str]:
 
 
 def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def content_hash(path: Path) -> str:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import tempfile
 import urllib.parse

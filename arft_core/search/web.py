@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -115,7 +116,7 @@ def _clean(text: Any) -> str:
     return html.unescape(_TAG.sub("", text)).strip() if isinstance(text, str) else ""
 
 
-class _WebSearch:
+class _WebSearch(ABC):
     """Request, retry, rate-limit and key handling shared by the web backends; subclasses build and parse."""
 
     name: str
@@ -134,14 +135,17 @@ class _WebSearch:
         return f"{type(self).__name__}(url={self._url()!r}, key_env={self.key_env!r})"
 
     # -- subclass hooks -------------------------------------------------------------------------------------------
+    @abstractmethod
     def _url(self) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _request(self, query: str, k: int, key: _Secret) -> urllib.request.Request:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _parse(self, payload: Any) -> list[SearchResult]:
-        raise NotImplementedError
+        ...
 
     # -- shared behaviour -----------------------------------------------------------------------------------------
     def _key(self) -> _Secret:

@@ -271,7 +271,7 @@ def _questions(regions: list[Region]) -> list[_Question]:
     if len(bands) > 1 and len(bands[-1]) == 1 and _answerable(bands[-1][0].text, _MAX_ANSWER_CHARS):
         out.append(_Question("What is the last line of text on the page?", bands[-1][0].text))
     for band in bands:
-        for left, right in zip(band, band[1:]):
+        for left, right in zip(band, band[1:], strict=False):
             # A narrow gap means one visual phrase that the text layer happens to split; "after" would mislead.
             wide_gap = right.box[0] - left.box[2] >= _LABEL_GAP_FACTOR * (left.box[3] - left.box[1])
             if (wide_gap and is_label(left) and _answerable(right.text, _MAX_ANSWER_CHARS)
