@@ -23,7 +23,7 @@ CLONE_THREAD = 0x00010000
 
 # ---------------------------------------------------------------- seccomp (libseccomp through ctypes)
 SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_CMP_NE, SCMP_CMP_MASKED_EQ = 1, 7
+SCMP_CMP_MASKED_EQ = 7
 
 
 def SCMP_ACT_ERRNO(err):
