@@ -37,8 +37,12 @@ class PathsConfig(Section):
     trained_model: str = Field("models/trained", description="Output of the train stage: the trained model.")
     train_metrics: str = Field("reports/train.json", description="Final training metrics (DVC metrics file).")
     train_log: str = Field("reports/train_log.csv", description="Per-step training log (DVC plots file).")
-    predictions: str = Field("reports/predictions.json", description="Evaluation predictions, authors' format.")
-    eval_metrics: str = Field("reports/eval.json", description="Evaluation F1/EM (DVC metrics file).")
+    predictions: str = Field("reports/predictions", description="Evaluation predictions, one file per benchmark "
+                             "and mode, in the authors' released format (plus trajectories).")
+    eval_metrics: str = Field("reports/eval.json", description="Evaluation F1/EM per benchmark and mode (DVC "
+                              "metrics file).")
+    eval_report: str = Field("reports/eval_report.html", description="Evaluation HTML report with per-item "
+                             "trajectories.")
     registration: str = Field("reports/registration.json", description="Registered model name, version and alias.")
 
 
@@ -223,18 +227,53 @@ class TrainConfig(Section):
     beta: float = Field(0.04, description="KL coefficient (paper: 0.04).", ge=0)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
         "grpo", description="TRL loss normalisation; 'grpo' is the paper's per-sequence mean.")
-    reward_weights: list[float] = Field([1.0, 1.0], description="Weights of [format, answer-F1] (paper: plain sum).")
+    reward_variant: Literal["paper", "corrected"] = Field(
+        "corrected", description="paper: the authors' rewards exactly (F1 falls back to the whole completion, no "
+        "CJK, math-verify shortcut on search, 0.9 for any code step); corrected: no fallback, CJK F1 over all golds, "
+        "code paid only when it ran and wrote a valid image (spec §3, §8.2).")
+    similarity_floor: float = Field(0.5, description="Search-query similarity below this scores 0 (paper: 0.5).",
+                                    ge=0, le=1)
+    code_reward: float = Field(0.9, description="The paper variant's constant code-step reward (paper code: 0.9; "
+                               "the paper's text says 1).", ge=0)
+    reward_weights: list[float] = Field([1.0, 1.0], description="Weights of [format, accuracy] (paper: plain sum).")
     logging_steps: int = Field(1, description="Log every N steps.", ge=1)
 
 
-class EvalConfig(Section):
-    """Evaluation on the test split."""
+class AgentConfig(Section):
+    """The agent loop shared by evaluation and online training (spec §2, §6.2)."""
 
-    max_new_tokens: int = Field(32, description="Max tokens generated per item (paper: 1024 for coding).", ge=1)
-    batch_size: int = Field(8, description="Items generated together.", ge=1)
+    max_turns: int = Field(5, description="Model calls per item before it ends unanswered (paper: 5).", ge=1)
+    transcript: Literal["chat", "single_message"] = Field(
+        "chat", description="chat: a multi-turn conversation, each tool result its own user turn (with the new "
+        "image); single_message: the paper's form, one user message re-sent with the transcript appended and "
+        "only the current image.")
+    coding_tips: bool = Field(True, description="Inject the paper's <tips> after a <problem> step.")
+    crop_teacher_forcing: bool = Field(
+        False, description="The paper's eval hack: overwrite every 2-D slice in crop items' code with the "
+        "ground-truth box from the question (teacher forcing; off for honest numbers).")
+
+
+class EvalConfig(Section):
+    """Evaluation: MAT-Coding, MAT-Search and multi-hop QA, with tools (agent) and the direct-answer baseline."""
+
+    benchmarks: list[Literal["mat-coding", "mat-search", "multihop"]] = Field(
+        ["mat-coding", "mat-search", "multihop"], description="Benchmarks to run.")
+    modes: list[Literal["agent", "direct"]] = Field(
+        ["agent", "direct"], description="agent: the tool loop; direct: the paper's direct-answer baseline.")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Generation back-end; auto uses vLLM when it is installed and a GPU is present.")
+    max_new_tokens: int = Field(32, description="Max tokens generated per model call (paper: 1024 coding, "
+                                "2048 search).", ge=1)
+    batch_size: int = Field(8, description="Model calls generated together (items at the same turn).", ge=1)
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, description="Sampling temperature when do_sample is true.", gt=0)
+    top_p: float = Field(1.0, description="Nucleus sampling mass when do_sample is true.", gt=0, le=1)
+    repetition_penalty: float = Field(1.0, description="Repetition penalty (stock Qwen2.5-VL configs: 1.05).", gt=0)
     seed: int = Field(0, description="Generation seed.")
+    multihop_path: str | None = Field(None, description="A FlashRAG-style JSONL file (id, question, "
+                                      "golden_answers); null uses the FanOutQA dev set bundled with `fanoutqa`.")
+    multihop_limit: int | None = Field(16, description="First N multi-hop questions (null: all).", ge=1)
+    report_images_px: int = Field(320, description="Longest side of images inlined in the HTML report.", ge=32)
 
 
 class SandboxConfig(Section):
@@ -289,6 +328,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Data generation.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Search tool and cache.")

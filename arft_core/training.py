@@ -12,7 +12,7 @@ from typing import Callable
 from arft_core.config import ModelConfig, TrainConfig
 from arft_core.data.mat_coding import load_manifest
 from arft_core.protocol import coding_prompt
-from arft_core.rewards import REWARD_FUNCS
+from arft_core.rewards import make_reward_funcs
 
 MetricsSink = Callable[[dict[str, float], int], None]
 TRAIN_CONFIG_FILE = "arft_train_config.json"
@@ -31,6 +31,7 @@ def build_dataset(items: list[dict], data_dir: Path):
         "prompt": [coding_prompt(i["question"]) for i in items],
         "image": [Image.open(data_dir / input_image_path(i)).convert("RGB") for i in items],
         "answers": [i["answers"] for i in items],
+        "solution": [f"<answer> {i['answers'][0]} </answer>" for i in items],  # the step type: answer
     })
 
 
@@ -65,14 +66,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
           log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None) -> dict:
     """Run GRPO on the train manifest; save the final model and processor to `out_dir`; return final metrics.
 
-    `reward_funcs` defaults to the paper's format + answer-F1 pair; `cfg.reward_weights` must match its length.
+    `reward_funcs` defaults to the coding [format, accuracy] pair of `cfg.reward_variant`; `cfg.reward_weights`
+    must match its length.
     """
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
     from arft_core.model.embedded import load_model
 
-    reward_funcs = reward_funcs or REWARD_FUNCS
+    reward_funcs = reward_funcs or make_reward_funcs("coding", cfg.reward_variant,
+                                                     similarity_floor=cfg.similarity_floor, code_reward=cfg.code_reward)
     if len(cfg.reward_weights) != len(reward_funcs):
         raise ValueError(f"train.reward_weights needs {len(reward_funcs)} values "
                          f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")

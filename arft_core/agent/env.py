@@ -1,0 +1,204 @@
+"""One item's tool environment in SkyRL's style: `reset() -> Observation`, `step(model_output) -> StepResult`
+(observation, reward parts, done). `<code>` runs in the sandbox and brings back the new image (or the error);
+`<search>` goes through the search tool and its cache; `<answer>` ends the item; so does the turn cap.
+
+Each environment owns its own working folder and transcript: nothing is shared between items (the paper's harness
+leaked variables and a shared `cache.jpg` across items, spec §8.6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arft_core import metrics, protocol, rewards
+from arft_core.config import AgentConfig
+
+
+@dataclass
+class EnvItem:
+    """What the environment needs of one benchmark item."""
+
+    id: Any
+    task: str  # "coding" | "search"
+    question: str
+    answers: list[str]
+    image: Path | None = None  # None for text-only multi-hop QA
+    labels: list[str] = field(default_factory=list)  # MAT-Coding corruption labels (problem-step reward)
+    cjk: bool = False  # score answers with the MAT-Coding CJK metric
+
+
+@dataclass
+class Tools:
+    """The tools an environment may call; either may be None (then that action reports an error)."""
+
+    sandbox: Any = None  # arft_core.sandbox.SandboxPool
+    search: Any = None  # arft_core.search.SearchBackend
+    top_k: int = 4
+
+
+@dataclass
+class Observation:
+    """What the model is shown after a step: text (tool result, tips or error) and/or a new image."""
+
+    text: str = ""
+    image: Path | None = None
+
+
+@dataclass
+class StepResult:
+    observation: Observation | None
+    reward: dict[str, float]
+    done: bool
+    info: dict[str, Any]
+
+
+class AgentEnv:
+    def __init__(self, item: EnvItem, tools: Tools, cfg: AgentConfig, workdir: Path):
+        if item.task not in protocol.TASKS:
+            raise ValueError(f"item {item.id}: unknown task {item.task!r}")
+        self.item, self.tools, self.cfg, self.workdir = item, tools, cfg, Path(workdir)
+        self.turns: list[dict[str, Any]] = []
+        self.done = False
+        self.end: str | None = None  # "answer" | "turns" | "error"
+        self.pred_answer: str | None = None
+        self.image: Path | None = None
+        self.images: list[Path] = []  # every image shown, in order (chat transcript)
+
+    # ---- contract
+    def reset(self) -> Observation:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.turns, self.done, self.end, self.pred_answer = [], False, None, None
+        self.image = self.item.image
+        self.images = [self.image] if self.image else []
+        return Observation(protocol.query_text(self.item.task, self.item.question), self.image)
+
+    def step(self, output: str) -> StepResult:
+        if self.done:
+            raise RuntimeError(f"item {self.item.id}: step() after the episode ended ({self.end})")
+        parsed = protocol.parse_step(output, self.item.task)
+        reward = {"format": self._format(output, parsed)}
+        info: dict[str, Any] = {"action": parsed.action, "error": parsed.error}
+        obs: Observation | None = None
+        if parsed.action == "answer":
+            self.pred_answer = parsed.content
+            reward["answer_f1"] = metrics.score(parsed.content, self.item.answers, self.item.cjk)["f1"]
+            self._finish("answer")
+        elif parsed.action == "search":
+            obs = self._search(parsed.content, info)
+        elif parsed.action == "problem":
+            labels = protocol.problem_labels(parsed.content, sort=False)
+            info["labels"] = labels
+            if self.item.labels:
+                reward["problem"] = rewards.problem_label_reward(output, self.item.labels)
+            obs = Observation(protocol.tips(labels) if self.cfg.coding_tips else "")
+        elif parsed.action == "code":
+            obs = self._code(parsed.content, info)
+            reward["code_ran"] = float(info["code_ok"])
+        else:
+            obs = Observation(f"<error> {parsed.error}: write <think> ... </think> and then one action. </error>")
+        self.turns.append({"output": output, **info, "reward": reward,
+                           "observation": None if obs is None else {"text": obs.text, "image": obs.image}})
+        if not self.done and len(self.turns) >= self.cfg.max_turns:
+            self._finish("turns")
+        return StepResult(None if self.done else obs, reward, self.done, info)
+
+    def fail(self, error: BaseException) -> None:
+        """End the episode because something outside the model's control broke (recorded, never raised)."""
+        self.turns.append({"output": None, "action": None, "error": f"{type(error).__name__}: {error}",
+                           "reward": {}, "observation": None})
+        self._finish("error")
+
+    # ---- the next model input
+    def prompt(self) -> tuple[list[dict], list[Path]]:
+        """(chat messages, images in the order their placeholders appear) for the next model call."""
+        first = protocol.query_text(self.item.task, self.item.question)
+        if self.cfg.transcript == "single_message":
+            # The paper's form: one user message, the transcript appended as text, only the current image.
+            text = first + "".join(self._flat(t) for t in self.turns)
+            content = ([{"type": "image"}] if self.image else []) + [{"type": "text", "text": text}]
+            return [{"role": "user", "content": content}], [self.image] if self.image else []
+        messages = [{"role": "user", "content": ([{"type": "image"}] if self.item.image else [])
+                     + [{"type": "text", "text": first}]}]
+        for turn in self.turns:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["output"] or ""}]})
+            obs = turn["observation"] or {}
+            content = ([{"type": "image"}] if obs.get("image") else []) + (
+                [{"type": "text", "text": obs["text"]}] if obs.get("text") else [])
+            messages.append({"role": "user", "content": content or [{"type": "text", "text": ""}]})
+        return messages, list(self.images)
+
+    def record(self) -> dict[str, Any]:
+        """The episode as data: prediction, end reason, tool-call counts and every turn."""
+        actions = [t["action"] for t in self.turns]
+        return {"id": self.item.id, "pred_answer": self.pred_answer, "end": self.end, "turns": self.turns,
+                "n_turns": len([t for t in self.turns if t["output"] is not None]),
+                "tool_calls": {"search": actions.count("search"), "code": actions.count("code"),
+                               "code_failed": sum(1 for t in self.turns if t.get("code_ok") is False),
+                               "invalid": sum(1 for t in self.turns if t["output"] is not None and t["action"] is None)}}
+
+    # ---- tools
+    def _search(self, query: str, info: dict) -> Observation:
+        from arft_core.search import SearchError, format_information
+
+        info["query"] = query
+        if self.tools.search is None:
+            info["error"] = "no search tool configured"
+            return Observation("<information> Search is not available. </information>")
+        try:
+            text = format_information(self.tools.search.search(query, self.tools.top_k), self.tools.top_k)
+        except SearchError as e:
+            info["error"] = f"search failed: {e}"
+            text = "<information> Search failed. </information>"
+        return Observation(text)
+
+    def _code(self, code: str, info: dict) -> Observation:
+        from PIL import Image
+
+        info["code_ok"] = False
+        if self.image is None:
+            info["error"] = "no image to process"
+            return Observation("<error> There is no image to process. </error>")
+        if self.tools.sandbox is None:
+            info["error"] = "no sandbox configured"
+            return Observation("<error> Code execution is not available. </error>")
+        if self.cfg.crop_teacher_forcing and "crop" in self.item.labels:
+            with Image.open(self.image) as im:
+                code = protocol.force_crop_box(code, self.item.question, *im.size)
+        info["code"] = code
+        step_dir = self.workdir / f"turn{len(self.turns) + 1}"
+        result = self.tools.sandbox.run(code, [self.image], step_dir)
+        if result.ok and result.images:
+            try:
+                with Image.open(result.images[0]) as im:
+                    im.load()
+                    new = step_dir / "image.png"
+                    im.convert("RGB").save(new)
+            except Exception as e:  # the code wrote something that is not an image
+                result.ok, result.error = False, f"output is not a valid image: {e}"
+            else:
+                info["code_ok"] = True
+                self.image = new
+                self.images.append(new)
+                return Observation("", new)
+        if result.ok:
+            result.error = "the code wrote no output image (save to 'path_to_output_image.jpg')"
+        info["error"] = result.error
+        return Observation(f"<error> {result.error.strip()[-500:]} </error>")
+
+    # ---- helpers
+    def _format(self, output: str, parsed: protocol.Step) -> float:
+        if parsed.action is None:
+            return 0.0
+        if self.item.task == "search":
+            return rewards.search_format(output)
+        return rewards.coding_format(output, f"<{parsed.action}>")
+
+    def _finish(self, end: str) -> None:
+        self.done, self.end = True, end
+
+    def _flat(self, turn: dict) -> str:
+        obs = turn["observation"] or {}
+        text = f"\n{turn['output'] or ''}"
+        return text + (f"\n{obs['text']} " if obs.get("text") else "")

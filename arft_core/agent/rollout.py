@@ -1,0 +1,66 @@
+"""The batched multi-turn driver: all live items generate together at each turn, then each steps its own
+environment (tools in parallel threads). A failure in one item is recorded on that item and never stops the run."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from arft_core.agent.env import AgentEnv
+
+
+@dataclass
+class Prompt:
+    """One model call: chat messages, their images in placeholder order, and who asks (for logs and tests)."""
+
+    messages: list[dict]
+    images: list[Path]
+    item_id: Any = None
+    turn: int = 0
+
+
+class Generator(Protocol):
+    """A model back-end: one completion per prompt, generated in batches."""
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[str]: ...
+
+
+def run_episodes(envs: Sequence[AgentEnv], generator: Generator, tool_threads: int = 4,
+                 progress: Callable[[int], None] = lambda _: None) -> list[dict]:
+    """Run every environment to its end; returns each episode's `record()` in input order.
+
+    `progress(n)` is called with the number of items that finished after each turn.
+    """
+    for env in envs:
+        env.reset()
+    live = list(envs)
+    turn = 0
+    with ThreadPoolExecutor(max_workers=tool_threads) as pool:
+        while live:
+            turn += 1
+            prompts = []
+            for env in live:
+                messages, images = env.prompt()
+                prompts.append(Prompt(messages, images, env.item.id, turn))
+            try:
+                outputs = generator.generate(prompts)
+            except Exception as e:  # the back-end failed for the whole batch: record on each item, stop them
+                for env in live:
+                    env.fail(e)
+                progress(len(live))
+                break
+            list(pool.map(_step, live, outputs))
+            finished = [env for env in live if env.done]
+            live = [env for env in live if not env.done]
+            if finished:
+                progress(len(finished))
+    return [env.record() for env in envs]
+
+
+def _step(env: AgentEnv, output: str) -> None:
+    try:
+        env.step(output)
+    except Exception as e:  # a tool or the sandbox broke on this item only
+        env.fail(e)
