@@ -16,7 +16,7 @@ from rich.table import Table
 app = typer.Typer(help="arft: Visual Agentic Reinforcement Fine-Tuning pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to use (default: found from the working "
                             "directory upwards).")
@@ -101,6 +101,27 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     except (ConfigError, SearchError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
+
+
+@app.command()
+def score(file: Path = typer.Argument(..., help="Prediction file: a JSON list of {id?, gt, pred_answer, split?}."),
+          benchmark: str = typer.Option(..., "--benchmark", "-b", help="mat-coding, mat-search or multihop.")) -> None:
+    """Score a prediction file in the authors' released format; print one JSON object (percentages)."""
+    from arft_core.metrics import score_predictions
+
+    if not file.is_file():
+        _fail(f"{file}: no such file")
+    try:
+        rows = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        _fail(f"{file}: not JSON ({exc})")
+    if not isinstance(rows, list):
+        _fail(f"{file}: expected a JSON list of predictions, got {type(rows).__name__}")
+    try:
+        result = score_predictions(rows, benchmark)
+    except ValueError as exc:
+        _fail(f"{file}: {exc}")
+    print(json.dumps(result))
 
 
 @app.command()
