@@ -41,6 +41,8 @@ class PathsConfig(Section):
                              "and mode, in the authors' released format (plus trajectories).")
     eval_metrics: str = Field("reports/eval.json", description="Evaluation F1/EM per benchmark and mode (DVC "
                               "metrics file).")
+    eval_search_cache: str = Field("data/eval_search_cache.sqlite", description="The evaluation's own search "
+                                   "cache (record once, replay for a frozen evaluation).")
     eval_report: str = Field("reports/eval_report.html", description="Evaluation HTML report with per-item "
                              "trajectories.")
     registration: str = Field("reports/registration.json", description="Registered model name, version and alias.")

@@ -1,57 +1,210 @@
-"""Evaluation on the MAT-Coding test manifest: generate one answer step per item, score F1/EM (paper metric)."""
+"""MAT evaluation: MAT-Coding, MAT-Search and multi-hop QA, with the agent loop (tools) and with the paper's
+direct-answer baseline, batched across items. Produces predictions in the authors' released format (plus each
+item's trajectory), metrics per benchmark and mode, and a self-contained HTML report.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from arft_core import metrics
-from arft_core.config import EvalConfig
-from arft_core.data.mat_coding import load_manifest
-from arft_core.protocol import coding_prompt, extract_answer
-from arft_core.training import input_image_path
+from arft_core.agent import AgentEnv, EnvItem, Prompt, Tools, run_episodes
+from arft_core.config import Config
+from arft_core.data.mat_coding import input_image_path
+from arft_core.protocol import direct_prompt
 
 
-def generate_answers(model, processor, questions: list[str], images: list, cfg: EvalConfig,
-                     progress: Callable[[int], None] = lambda _: None) -> list[str]:
-    """Raw completions for (question, image) pairs, batched with left padding."""
-    import torch
-
-    processor.tokenizer.padding_side = "left"
-    torch.manual_seed(cfg.seed)
-    outputs = []
-    model.eval()
-    for start in range(0, len(questions), cfg.batch_size):
-        qs, ims = questions[start:start + cfg.batch_size], images[start:start + cfg.batch_size]
-        texts = [processor.apply_chat_template(coding_prompt(q), tokenize=False, add_generation_prompt=True)
-                 for q in qs]
-        inputs = processor(text=texts, images=ims, return_tensors="pt", padding=True).to(model.device)
-        gen = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample)
-        if cfg.do_sample:
-            gen["temperature"] = cfg.temperature
-        with torch.no_grad():
-            out = model.generate(**inputs, **gen)
-        outputs += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        progress(len(qs))
-    return outputs
+@dataclass
+class BenchItem:
+    env: EnvItem
+    split: str | None = None
+    types: list[str] = field(default_factory=list)  # MAT-Coding corruption labels
 
 
-def evaluate(model_dir: Path, data_dir: Path, cfg: EvalConfig, dtype: str = "float32",
-             progress: Callable[[int], None] = lambda _: None) -> tuple[dict, list[dict]]:
-    """(metrics, predictions): metrics in percent per split; predictions in the authors' released format."""
+def load_benchmark(name: str, cfg: Config) -> list[BenchItem]:
+    """The test items of one benchmark, from the pipeline's data folders (multi-hop: FanOutQA or a FlashRAG file)."""
+    import json
+
+    if name == "mat-coding":
+        folder = cfg.path("mat_coding")
+        return [BenchItem(EnvItem(i["id"], "coding", i["question"], i["answers"], folder / input_image_path(i),
+                                  labels=list(i["type"]), cjk=True), i.get("split"), list(i["type"]))
+                for i in json.loads((folder / "test.json").read_text())]
+    if name == "mat-search":
+        folder = cfg.path("mat_search")
+        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"], folder / i["image_path"]),
+                          i.get("split"))
+                for i in json.loads((folder / "test.json").read_text())]
+    if name == "multihop":
+        from arft_core.data.multihop import load_fanoutqa_dev, load_flashrag
+
+        items = (load_flashrag(cfg.root / cfg.eval.multihop_path) if cfg.eval.multihop_path
+                 else load_fanoutqa_dev())[:cfg.eval.multihop_limit]
+        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"])) for i in items]
+    raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(metrics.BENCHMARKS)}")
+
+
+def run_direct(items: list[BenchItem], benchmark: str, generator) -> list[dict]:
+    """The paper's direct baseline: question + a 'answer directly' suffix, no tools; the raw output is scored."""
+    kind = "multihop" if benchmark == "multihop" else "mat"
+    prompts = [Prompt(direct_prompt(b.env.question, kind, b.env.image is not None),
+                      [b.env.image] if b.env.image else [], b.env.id, 1) for b in items]
+    try:
+        outputs = generator.generate(prompts)
+    except Exception as e:  # recorded per item, like the agent's failures
+        return [{"id": b.env.id, "pred_answer": None, "end": "error", "n_turns": 0, "tool_calls": {},
+                 "turns": [{"output": None, "error": f"{type(e).__name__}: {e}"}]} for b in items]
+    return [{"id": b.env.id, "pred_answer": out.strip(), "end": "answer", "n_turns": 1, "tool_calls": {},
+             "turns": [{"output": out, "action": "answer", "error": None, "reward": {}, "observation": None}]}
+            for b, out in zip(items, outputs, strict=True)]
+
+
+def score_run(items: list[BenchItem], records: list[dict], benchmark: str) -> tuple[dict, list[dict]]:
+    """(metrics, predictions) for one benchmark and mode."""
+    cjk = benchmark == "mat-coding"
+    predictions, rows = [], []
+    for b, rec in zip(items, records, strict=True):
+        s = metrics.score(rec["pred_answer"], b.env.answers, cjk)
+        row = {**s, "answered": rec["pred_answer"] is not None, "split": b.split,
+               "type": "+".join(b.types) if b.types else None}
+        rows.append(row)
+        predictions.append({"id": b.env.id, "gt": b.env.answers, "pred_answer": rec["pred_answer"],
+                            **({"split": b.split} if b.split else {}), **({"type": b.types} if b.types else {}),
+                            "f1": round(s["f1"], 4), "em": s["em"], "end": rec["end"], "n_turns": rec["n_turns"],
+                            "tool_calls": rec["tool_calls"], "turns": rec["turns"]})
+    out: dict[str, Any] = metrics.aggregate(rows)
+    if cjk:
+        out["by_type"] = {k: v for k, v in metrics.aggregate(rows, by="type").items() if k != "avg"}
+    calls = [r["tool_calls"] for r in records]
+    n = max(len(records), 1)
+    out["tool_calls"] = {k: round(sum(c.get(k, 0) for c in calls) / n, 3)
+                         for k in ("search", "code", "code_failed", "invalid")}
+    out["end"] = dict(Counter(r["end"] for r in records))
+    out["mean_turns"] = round(sum(r["n_turns"] for r in records) / n, 3)
+    return out, predictions
+
+
+def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None,
+             generator=None) -> tuple[dict, dict[str, list[dict]], str]:
+    """Run every configured benchmark and mode. Returns (metrics[benchmark][mode], predictions["bench.mode"],
+    the HTML report). `generator` defaults to `make_generator` on `model_dir` (vLLM when available)."""
+    from arft_core.agent.generation import make_generator
+
+    plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
+    generator = generator or make_generator(model_dir, cfg.eval, cfg.model.dtype)
+    needs_code = "agent" in cfg.eval.modes and "mat-coding" in plan
+    needs_search = "agent" in cfg.eval.modes and any(b != "mat-coding" for b in plan)
+    results: dict[str, dict] = {}
+    predictions: dict[str, list[dict]] = {}
+    sections = []
+    with tempfile.TemporaryDirectory(prefix="arft-eval-") as scratch, _tools(cfg, needs_code, needs_search) as tools:
+        for bench, items in plan.items():
+            for mode in cfg.eval.modes:
+                if mode == "agent":
+                    envs = [AgentEnv(b.env, tools, cfg.agent, Path(scratch) / bench / f"item-{k}")
+                            for k, b in enumerate(items)]
+                    records = run_episodes(envs, generator, tool_threads=cfg.sandbox.workers, progress=progress)
+                else:
+                    records = run_direct(items, bench, generator)
+                    progress(len(items))
+                scores, preds = score_run(items, records, bench)
+                results.setdefault(bench, {})[mode] = scores
+                sections.append(render_section(bench, mode, scores, items, preds, cfg.eval.report_images_px))
+                predictions[f"{bench}.{mode}"] = [_portable(p) for p in preds]
+    return results, predictions, render_report(results, sections)
+
+
+class _tools:
+    """The sandbox and search tool, started only when the agent needs them, and closed afterwards."""
+
+    def __init__(self, cfg: Config, code: bool, search: bool):
+        self.cfg, self.code, self.search, self.pool = cfg, code, search, None
+
+    def __enter__(self) -> Tools:
+        from arft_core.search import make_backend
+
+        if self.code:
+            from arft_core.sandbox import SandboxPool
+
+            self.pool = SandboxPool(self.cfg.sandbox)
+        backend = make_backend(self.cfg.search, self.cfg.root) if self.search else None
+        return Tools(sandbox=self.pool, search=backend, top_k=self.cfg.search.top_k)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _portable(prediction: dict) -> dict:
+    """Prediction without scratch-folder image paths (the images live inline in the HTML report)."""
+    turns = []
+    for t in prediction["turns"]:
+        obs = t.get("observation")
+        if obs:
+            obs = {"text": obs["text"], "new_image": obs.get("image") is not None}
+        turns.append({**t, "observation": obs})
+    return {**prediction, "turns": turns}
+
+
+# ---- HTML report
+def _img(path: Path | None, px: int) -> str:
+    if path is None:
+        return ""
     from PIL import Image
 
-    from arft_core.model.embedded import load_model
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((px, px))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
-    items = load_manifest(data_dir, "test")
-    model, processor = load_model(model_dir, dtype)
-    images = [Image.open(data_dir / input_image_path(i)).convert("RGB") for i in items]
-    completions = generate_answers(model, processor, [i["question"] for i in items], images, cfg, progress)
-    predictions, rows = [], []
-    for item, completion in zip(items, completions, strict=True):
-        pred = extract_answer(completion)
-        s = metrics.score(pred, item["answers"], cjk=True)
-        predictions.append({"id": item["id"], "gt": item["answers"], "pred_answer": pred, "completion": completion,
-                            "split": item["split"], "type": item["type"]})
-        rows.append({**s, "split": item["split"], "answered": pred is not None})
-    return metrics.aggregate(rows), predictions
+
+def _table(scores: dict) -> str:
+    splits = [k for k in scores if isinstance(scores[k], dict) and "f1" in scores[k]]
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in splits)
+    body = "".join(
+        f"<tr><td>{m}</td>" + "".join(f"<td>{scores[s][m]}</td>" for s in splits) + "</tr>"
+        for m in ("n", "f1", "em", "squad_f1", "no_answer_rate"))
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+def render_section(bench: str, mode: str, scores: dict, items: list[BenchItem], preds: list[dict], px: int) -> str:
+    esc = html.escape
+    parts = [f'<h2 id="{bench}-{mode}">{esc(bench)} · {esc(mode)}</h2>', _table(scores)]
+    if "by_type" in scores:
+        parts.append("<h3>By corruption type</h3>" + _table(scores["by_type"]))
+    parts.append(f"<p>tool calls per item: {esc(str(scores['tool_calls']))}; endings: {esc(str(scores['end']))}</p>")
+    for b, p in zip(items, preds, strict=True):
+        ok = "ok" if p["em"] else ("part" if p["f1"] else "bad")
+        turns = []
+        for k, t in enumerate(p["turns"], start=1):
+            obs = t.get("observation") or {}
+            err = f'<div class="err">{esc(t["error"])}</div>' if t.get("error") else ""
+            tool = f"<pre>{esc(obs.get('text') or '')}</pre>" if obs.get("text") else ""
+            turns.append(f'<div class="turn"><b>turn {k}</b> <pre>{esc(t.get("output") or "")}</pre>{err}{tool}'
+                         f'{_img(obs.get("image"), px)}</div>')
+        parts.append(
+            f'<details class="{ok}"><summary>#{esc(str(p["id"]))} F1 {p["f1"]:.2f} · '
+            f'{esc(str(p["pred_answer"]))} · gold {esc(str(p["gt"]))} · {esc(str(p["end"]))}</summary>'
+            f'<p>{esc(b.env.question)}</p>{_img(b.env.image, px)}{"".join(turns)}</details>')
+    return "\n".join(parts)
+
+
+def render_report(results: dict, sections: list[str]) -> str:
+    summary = "".join(f'<li><a href="#{b}-{m}">{b} · {m}</a>: F1 {s["avg"]["f1"]}, EM {s["avg"]["em"]}, '
+                      f'no answer {s["avg"]["no_answer_rate"]}%</li>'
+                      for b, modes in results.items() for m, s in modes.items())
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;background:#f4f4f4;"
+             "padding:4px}td,th{border:1px solid #ccc;padding:2px 8px}table{border-collapse:collapse}"
+             ".ok summary{color:#070}.part summary{color:#a60}.bad summary{color:#a00}.err{color:#a00}"
+             ".turn{margin-left:1em;border-left:3px solid #ddd;padding-left:8px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>arft evaluation</title><style>{style}</style>"
+            f"</head><body><h1>arft evaluation</h1><ul>{summary}</ul>{''.join(sections)}</body></html>")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from arft_core.config import Config
-from arft_core.data.mat_coding import MANIFESTS, load_manifest, write_json_atomic
+from arft_core.data.mat_coding import MANIFESTS, load_manifest, write_json_atomic, write_text_atomic
 from arft_core.progress import progress_bar
 
 
@@ -154,17 +154,31 @@ def train_stage(cfg: Config) -> dict:
 def evaluate_stage(cfg: Config) -> dict:
     import mlflow
 
-    from arft_core.evaluation import evaluate
+    from arft_core.evaluation import evaluate, load_benchmark
 
-    n = len(load_manifest(cfg.path("mat_coding"), "test"))
-    with progress_bar("evaluating on MAT-Coding test", n) as advance:
-        scores, predictions = evaluate(cfg.path("trained_model"), cfg.path("mat_coding"), cfg.eval,
-                                       cfg.model.dtype, advance)
-    write_json_atomic(cfg.path("predictions"), predictions)
+    # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
+    # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache})})
+    total = sum(len(load_benchmark(b, cfg)) for b in cfg.eval.benchmarks) * len(cfg.eval.modes)
+    with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
+        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance)
+    out = cfg.path("predictions")
+    for name, rows in predictions.items():
+        write_json_atomic(out / f"{name}.json", rows)
     write_json_atomic(cfg.path("eval_metrics"), scores)
-    mlflow.log_artifact(str(cfg.path("predictions")))
-    print(json.dumps(scores))
-    return scores
+    write_text_atomic(cfg.path("eval_report"), report)
+    flat = {f"{bench}.{mode}.{split}.{m}": v for bench, modes in scores.items() for mode, s in modes.items()
+            for split, d in s.items() if isinstance(d, dict) and "f1" in d
+            for m, v in d.items() if isinstance(v, (int, float))}
+    mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+    mlflow.log_artifact(str(cfg.path("eval_report")))
+    mlflow.log_artifacts(str(out), artifact_path="predictions")
+    for bench, modes in scores.items():
+        for mode, s in modes.items():
+            print(f"{bench:<11} {mode:<7} F1 {s['avg']['f1']:6.2f}  EM {s['avg']['em']:6.2f}  "
+                  f"no answer {s['avg']['no_answer_rate']:6.2f}%  (n={s['avg']['n']})")
+    print(f"report: {cfg.path('eval_report')}")
+    return {k: v for k, v in flat.items() if k.endswith(".avg.f1") or k.endswith(".avg.em")}
 
 
 def register_stage(cfg: Config) -> dict:
@@ -173,7 +187,9 @@ def register_stage(cfg: Config) -> dict:
 
     scores = json.loads(cfg.path("eval_metrics").read_text())
     tags = {**git_tags(cfg.root), **{f"dvc.input.{k}": v for k, v in input_hashes(cfg.root, "register").items()}}
-    tags.update({f"mat_coding.{split}.{m}": str(v) for split, s in scores.items() for m, v in s.items()})
+    tags.update({f"eval.{bench}.{mode}.{split}.{m}": str(v) for bench, modes in scores.items()
+                 for mode, s in modes.items() for split in ("avg", "simple", "hard") if split in s
+                 for m, v in s[split].items() if m in ("f1", "em")})
     result = register_model(cfg.path("trained_model"), cfg.tracking.registered_model, cfg.tracking.alias, tags)
     write_json_atomic(cfg.path("registration"), result)
     print(f"registered {result['name']} version {result['version']} as @{result['alias']}")
@@ -199,7 +215,7 @@ SECTIONS: dict[str, list[str]] = {
     "search_data": ["search_data", "search"],
     "validate": ["validation"],
     "train": ["train", "model"],
-    "evaluate": ["eval"],
+    "evaluate": ["eval", "agent", "search"],
     "register": ["tracking"],
 }
 

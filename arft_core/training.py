@@ -10,17 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 from arft_core.config import ModelConfig, TrainConfig
-from arft_core.data.mat_coding import load_manifest
+from arft_core.data.mat_coding import input_image_path, load_manifest
 from arft_core.protocol import coding_prompt
 from arft_core.rewards import make_reward_funcs
 
 MetricsSink = Callable[[dict[str, float], int], None]
 TRAIN_CONFIG_FILE = "arft_train_config.json"
-
-
-def input_image_path(item: dict) -> str:
-    """The image the model sees: the clean one for crop items (a region task), else the degraded one."""
-    return item["ori_image_path"] if item["type"][0] == "crop" else item["processed_image_path"]
 
 
 def build_dataset(items: list[dict], data_dir: Path):

@@ -38,12 +38,21 @@ CROP_QUESTION = ("Recognize the text within the {box} of the image. The coordina
                  "from 0 to 1000 by the image width and height. ")
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def input_image_path(item: dict) -> str:
+    """The image the model sees: the clean one for crop items (a region task), else the degraded one."""
+    return item["ori_image_path"] if item["type"][0] == "crop" else item["processed_image_path"]
 
 
 def load_manifest(data_dir: Path, split: str) -> list[dict]:

@@ -1,0 +1,129 @@
+"""`arft eval` end to end with scripted policies on real MAT-Coding demo items (real sandbox, real local search
+index), and the Hugging Face back-end batching the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arft_core.agent.rollout import Prompt
+from arft_core.config import EvalConfig, load_config
+from arft_core.evaluation import evaluate
+from conftest import SHARED, write_params
+from test_search import write_corpus
+
+DEMO = SHARED / "mat-coding-demo"
+COPY = ("<think> fix </think>\n<code>\n```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')\n"
+        "cv2.imwrite('path_to_output_image.jpg', img)\n```\n</code>")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project folder with 6 MAT-Coding demo items, 2 MAT-Search items, 2 multi-hop questions, a tiny corpus."""
+    items = json.loads((DEMO / "coding_case.json").read_text())
+    (tmp_path / "mc" / "images").mkdir(parents=True)
+    for item in items:
+        for key in ("ori_image_path", "processed_image_path"):
+            if (DEMO / item[key]).exists():
+                shutil.copy(DEMO / item[key], tmp_path / "mc" / "images" / item[key])
+            item[key] = f"images/{item[key]}"
+    (tmp_path / "mc" / "test.json").write_text(json.dumps(items))
+    (tmp_path / "ms" / "images").mkdir(parents=True)
+    shutil.copy(DEMO / "23.jpg", tmp_path / "ms" / "images" / "23.jpg")
+    search = [{"id": "s1", "question": "Where is the Mona Lisa kept?", "answers": ["Louvre"],
+               "image_path": "images/23.jpg", "split": "simple"},
+              {"id": "s2", "question": "Who discovered penicillin?", "answers": ["Alexander Fleming"],
+               "image_path": "images/23.jpg", "split": "hard"}]
+    (tmp_path / "ms" / "test.json").write_text(json.dumps(search))
+    (tmp_path / "hop.jsonl").write_text(
+        json.dumps({"id": "h1", "question": "Which river has the largest discharge?", "golden_answers": ["Amazon"]})
+        + "\n" + json.dumps({"id": "h2", "question": "Sixth planet?", "golden_answers": ["Saturn"]}) + "\n")
+    write_corpus(tmp_path / "corpus.jsonl")
+    write_params(tmp_path, {"paths": {"mat_coding": "mc", "mat_search": "ms"},
+                            "search": {"corpus_path": "corpus.jsonl", "index_dir": "index", "mode": "live",
+                                       "cache_path": "cache.sqlite", "top_k": 2},
+                            "eval": {"multihop_path": "hop.jsonl"}, "sandbox": {"workers": 1}})
+    return tmp_path
+
+
+class Oracle:
+    """A scripted policy that knows the gold answers: problem -> code -> answer, search -> answer, or a direct
+    answer; and one deliberately broken item (never answers)."""
+
+    def __init__(self, golds: dict, broken: str | None = None):
+        self.golds, self.broken, self.batches = golds, broken, []
+
+    def generate(self, prompts: list[Prompt]) -> list[str]:
+        self.batches.append(len(prompts))
+        return [self._one(p) for p in prompts]
+
+    def _one(self, p: Prompt) -> str:
+        gold = self.golds[p.item_id]
+        text = p.messages[0]["content"][-1]["text"]
+        if p.item_id == self.broken:
+            return "I refuse to use tags"
+        if "directly" in text or "Only Return the answer" in text:
+            return gold
+        answer = f"<think> done </think>\n<answer> {gold} </answer>"
+        if "<query>" in text and "image processing" in text:
+            return ["<think> look </think>\n<problem> {'none'} </problem>", COPY, answer][p.turn - 1]
+        return ["<think> look it up </think>\n<search> " + text.split("<query>")[1][:40] + " </search>", answer][p.turn - 1]
+
+
+def test_eval_with_an_oracle_policy_scores_full_marks_and_writes_the_report(project: Path):
+    cfg = load_config(project / "params.yaml")
+    golds = {i["id"]: i["answers"][0] for i in json.loads((project / "mc" / "test.json").read_text())}
+    golds |= {"s1": "Louvre", "s2": "Alexander Fleming", "h1": "Amazon", "h2": "Saturn"}
+    oracle = Oracle(golds, broken="s2")
+    scores, predictions, report = evaluate(None, cfg, generator=oracle)
+
+    coding = scores["mat-coding"]["agent"]
+    assert coding["avg"]["f1"] == 100.0 and coding["avg"]["n"] == 6 and coding["hard"]["n"] == 3
+    assert coding["tool_calls"]["code"] == 1.0 and coding["tool_calls"]["code_failed"] == 0.0
+    assert set(coding["by_type"]) == {"rotation180", "dark", "none", "rotation90+dark", "crop"}
+    search = scores["mat-search"]["agent"]
+    assert search["simple"]["f1"] == 100.0 and search["hard"]["f1"] == 0.0  # s2 never answers
+    assert search["avg"]["no_answer_rate"] == 50.0 and search["end"] == {"answer": 1, "turns": 1}
+    assert scores["multihop"]["agent"]["avg"]["f1"] == 100.0
+    assert scores["multihop"]["direct"]["avg"]["em"] == 100.0
+    assert oracle.batches[0] == 6  # all coding items in one batch on the first turn
+
+    rows = predictions["mat-coding.agent"]
+    assert {"id", "gt", "pred_answer"} <= set(rows[0]) and rows[0]["turns"][1]["observation"]["new_image"]
+    broken = next(r for r in predictions["mat-search.agent"] if r["id"] == "s2")
+    assert broken["pred_answer"] is None and broken["n_turns"] == cfg.agent.max_turns
+    # The report: a summary link per benchmark and mode, every item, the images inline.
+    assert report.count('href="#') == 6 and report.count("<details") == 2 * (6 + 2 + 2)
+    assert report.count("data:image/jpeg;base64") >= 6 + 6 + 6 and "no action tag" in report
+
+    out = project / "coding.json"
+    out.write_text(json.dumps(rows))
+    scored = subprocess.run([sys.executable, "-m", "arft_core.cli", "score", "--benchmark", "mat-coding", str(out)],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(scored.stdout)["avg"]["f1"] == 100.0
+
+
+def test_hf_generator_batches_mixed_prompts_deterministically(tmp_path: Path):
+    from PIL import Image
+
+    from arft_core.agent.generation import HFGenerator
+    from arft_core.config import ModelConfig
+    from arft_core.model.embedded import load_model, prepare_base_model
+    from arft_core.protocol import direct_prompt
+
+    prepare_base_model(ModelConfig(embedded={"vocab_size": 1024}), tmp_path / "m")
+    model, processor = load_model(tmp_path / "m")
+    img = tmp_path / "i.png"
+    Image.new("RGB", (56, 56), "red").save(img)
+    prompts = [Prompt(direct_prompt("What colour?", "mat"), [img], "a"),
+               Prompt(direct_prompt("Capital of France?", "multihop", with_image=False), [], "b"),
+               Prompt(direct_prompt("Shape?", "mat"), [img], "c")]
+    cfg = EvalConfig(max_new_tokens=6, batch_size=2)
+    first = HFGenerator(model, processor, cfg).generate(prompts)
+    again = HFGenerator(model, processor, cfg).generate(prompts)
+    assert len(first) == 3 and first == again and all(isinstance(t, str) for t in first)
