@@ -21,7 +21,8 @@ TINY_OVERRIDES = {
     "model": {"embedded": {"vocab_size": 2048}},
     "data": {"n_train": 8, "n_test": 4},
     "train": {"max_steps": 1, "max_completion_length": 8, "per_device_train_batch_size": 2, "num_generations": 2},
-    "eval": {"max_new_tokens": 8},
+    "eval": {"max_new_tokens": 8, "multihop_limit": 2},
+    "agent": {"max_turns": 2},
 }
 
 

@@ -47,7 +47,8 @@ def project(tmp_path: Path) -> Path:
     write_params(tmp_path, {"paths": {"mat_coding": "mc", "mat_search": "ms"},
                             "search": {"corpus_path": "corpus.jsonl", "index_dir": "index", "mode": "live",
                                        "cache_path": "cache.sqlite", "top_k": 2},
-                            "eval": {"multihop_path": "hop.jsonl"}, "sandbox": {"workers": 1}})
+                            "eval": {"multihop_path": "hop.jsonl"}, "sandbox": {"workers": 1},
+                            "agent": {"max_turns": 3}})
     return tmp_path
 
 

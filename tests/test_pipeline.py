@@ -55,7 +55,13 @@ def test_pipeline_runs_every_stage_and_says_where_to_look(pipeline_project):
     assert f"mlflow ui --backend-store-uri sqlite:///{project}/tracking/mlflow.db" in output
     assert str(project / "reports" / "eval.json") in output
     scores = json.loads((project / "reports" / "eval.json").read_text())
-    assert scores["avg"]["n"] == 4 and set(scores) >= {"avg"}
+    assert set(scores) == {"mat-coding", "mat-search", "multihop"}
+    assert scores["mat-coding"]["agent"]["avg"]["n"] == 4 and set(scores["mat-coding"]) == {"agent", "direct"}
+    assert scores["multihop"]["direct"]["avg"]["n"] == 2
+    report = (project / "reports" / "eval_report.html").read_text()
+    assert str(project / "reports" / "eval_report.html") in output and report.count('href="#') == 6
+    rows = json.loads((project / "reports" / "predictions" / "mat-coding.agent.json").read_text())
+    assert len(rows) == 4 and {"id", "gt", "pred_answer", "turns"} <= set(rows[0])
     assert json.loads((project / "reports" / "validation.json").read_text())["success"] is True
 
 
@@ -81,7 +87,8 @@ def test_mlflow_has_parent_and_nested_stage_runs(pipeline_project):
     data_md5 = next(o["md5"] for o in lock["data"]["outs"] if o["path"] == "data/mat_coding")
     assert train.data.tags["dvc.input.data/mat_coding"] == data_md5
     assert train.data.tags["dvc.input.params.yaml"]
-    assert {"avg.f1", "avg.em", "avg.no_answer_rate"} <= set(children["evaluate"].data.metrics)
+    assert {"mat-coding.agent.avg.f1", "mat-search.direct.simple.em", "multihop.agent.avg.no_answer_rate"} <= set(
+        children["evaluate"].data.metrics)
     assert "data.n_train" in parent.data.params and "data.n_train" in children["data"].data.params
 
 
@@ -91,7 +98,7 @@ def test_registered_version_has_candidate_alias(pipeline_project):
     version = client.get_model_version_by_alias("arft-agent", "candidate")
     registration = json.loads((project / "reports" / "registration.json").read_text())
     assert str(version.version) == registration["version"] == "1"
-    assert "mat_coding.avg.f1" in version.tags and version.tags["git.commit"]
+    assert "eval.mat-coding.agent.avg.f1" in version.tags and version.tags["git.commit"]
     assert version.tags["dvc.input.models/trained"].endswith(".dir")
 
 
