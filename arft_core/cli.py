@@ -50,7 +50,7 @@ def _stage_command(stage: str, help_text: str) -> None:
 _stage_command("model", "Build the embedded base model (or reference the checkpoint in model.name_or_path).")
 _stage_command("validate", "Validate the manifests (Great Expectations); fails with a per-item report.")
 _stage_command("train", "GRPO-train the policy with TRL's GRPOTrainer.")
-_stage_command("evaluate", "Evaluate the trained policy on the test split (F1/EM).")
+_stage_command("evaluate", "Evaluate the trained policy: MAT-Coding, MAT-Search, multi-hop QA; agent and direct.")
 _stage_command("register", "Register the trained model in MLflow with the configured alias.")
 
 
@@ -101,6 +101,28 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     except (ConfigError, SearchError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
+
+
+@app.command("eval")
+def eval_cmd(model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the trained "
+                                                   "model, paths.trained_model)."),
+             benchmark: list[str] = typer.Option([], "--benchmark", "-b", help="mat-coding, mat-search, multihop "
+                                                 "(repeatable; default: eval.benchmarks)."),
+             mode: list[str] = typer.Option([], "--mode", help="agent or direct (repeatable; default: eval.modes)."),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval.json, eval_report.html "
+                                                "and predictions/ (default: the pipeline's paths)."),
+             params: Optional[Path] = ParamsOption) -> None:
+    """Evaluate any model (the trained one, a base checkpoint, ...) with tools and/or the direct baseline."""
+    from flows.stages import evaluate_flow
+
+    if model is not None and not model.is_dir():
+        _fail(f"--model {model}: not a folder")
+    try:
+        summary = evaluate_flow(params=str(params) if params else None, model=str(model) if model else None,
+                                benchmarks=benchmark or None, modes=mode or None, out=str(out) if out else None)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"[green]eval done[/]: {json.dumps(summary)}", highlight=False)
 
 
 @app.command()

@@ -181,6 +181,26 @@ def evaluate_stage(cfg: Config) -> dict:
     return {k: v for k, v in flat.items() if k.endswith(".avg.f1") or k.endswith(".avg.em")}
 
 
+def eval_overrides(cfg: Config, model: str | None = None, benchmarks: list[str] | None = None,
+                   modes: list[str] | None = None, out: str | None = None) -> Config:
+    """The config for an ad-hoc evaluation: another model folder, a subset of benchmarks or modes, and outputs
+    under `out` (eval.json, eval_report.html, predictions/) instead of the pipeline's own files."""
+    data = cfg.model_dump()
+    if model:
+        data["paths"]["trained_model"] = str(Path(model).resolve())
+    if benchmarks:
+        data["eval"]["benchmarks"] = benchmarks
+    if modes:
+        data["eval"]["modes"] = modes
+    if out:
+        folder = Path(out).resolve()
+        data["paths"].update(eval_metrics=str(folder / "eval.json"), eval_report=str(folder / "eval_report.html"),
+                             predictions=str(folder / "predictions"))
+    new = Config.model_validate(data)
+    new._root = cfg.root
+    return new
+
+
 def register_stage(cfg: Config) -> dict:
     from arft_core.registry import register_model
     from arft_core.tracking import git_tags, input_hashes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from arft_core.config import load_config
-from arft_core.stages import run_stage
+from arft_core.stages import eval_overrides, run_stage
 
 
 def _export_search_key(cfg) -> None:
@@ -26,9 +26,9 @@ def _export_search_key(cfg) -> None:
         pass  # no such block: the backend reports the missing variable by name
 
 
-def _run(stage: str, params: str | None) -> dict:
-    cfg = load_config(params)
-    if stage == "search_data":
+def _run(stage: str, params: str | None, cfg=None) -> dict:
+    cfg = cfg or load_config(params)
+    if stage in ("search_data", "evaluate"):
         _export_search_key(cfg)
     return run_stage(stage, cfg)
 
@@ -58,9 +58,14 @@ def train_flow(params: str | None = None) -> dict:
 
 
 @flow(name="arft-evaluate", log_prints=True)
-def evaluate_flow(params: str | None = None) -> dict:
-    """Evaluate the trained policy on the MAT-Coding test split (F1/EM)."""
-    return _run("evaluate", params)
+def evaluate_flow(params: str | None = None, model: str | None = None, benchmarks: list[str] | None = None,
+                  modes: list[str] | None = None, out: str | None = None) -> dict:
+    """Evaluate a model on MAT-Coding, MAT-Search and multi-hop QA, with tools and direct (F1/EM).
+
+    With no overrides this is the pipeline's stage (the trained model, outputs at the configured paths).
+    """
+    cfg = eval_overrides(load_config(params), model, benchmarks, modes, out)
+    return _run("evaluate", params, cfg)
 
 
 @flow(name="arft-register", log_prints=True)

@@ -153,6 +153,21 @@ def test_second_repro_does_nothing(pipeline_project):
     assert "Data and pipelines are up to date" in out
 
 
+def test_adhoc_eval_of_another_model_leaves_the_pipeline_outputs_alone(pipeline_project):
+    project, _ = pipeline_project
+    before = (project / "reports" / "eval.json").read_bytes()
+    proc = arft("eval", "--model", "models/base", "--benchmark", "multihop", "--mode", "direct", "--out", "adhoc",
+                cwd=project)
+    assert "eval done" in proc.stdout
+    scores = json.loads((project / "adhoc" / "eval.json").read_text())
+    assert list(scores) == ["multihop"] and list(scores["multihop"]) == ["direct"]
+    assert (project / "adhoc" / "predictions" / "multihop.direct.json").is_file()
+    assert (project / "reports" / "eval.json").read_bytes() == before
+    assert "Data and pipelines are up to date" in dvc("repro", cwd=project)
+    bad = arft("eval", "--benchmark", "mat-nothing", cwd=project, check=False)
+    assert bad.returncode == 1 and "mat-nothing" in bad.stderr
+
+
 def test_changing_a_train_param_reruns_training_and_what_follows_only(pipeline_project):
     project, _ = pipeline_project
     params = yaml.safe_load((project / "params.yaml").read_text())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from arft_core.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from arft_core.config import Config, DataConfig, ModelConfig, TrainConfig
 from arft_core.data.mat_coding import generate
 from arft_core.evaluation import evaluate
 from arft_core.model.embedded import load_model, prepare_base_model
@@ -30,7 +30,7 @@ def test_paper_rewards_give_zero_advantage_to_a_tagless_policy(tmp_path: Path):
     train(MODEL, cfg, base, data, tmp_path / "out", tmp_path / "log.csv", sink=lambda m, s: logged.append(m))
     step = next(m for m in logged if "reward" in m)
     # The random policy never writes tags: both paper rewards are 0, logged per component.
-    assert step["rewards/format_reward/mean"] == 0.0 and step["rewards/answer_f1_reward/mean"] == 0.0
+    assert step["rewards/format_reward/mean"] == 0.0 and step["rewards/accuracy_reward/mean"] == 0.0
 
 
 def test_grpo_updates_weights_and_logs_rewards(tmp_path: Path):
@@ -53,6 +53,14 @@ def test_grpo_updates_weights_and_logs_rewards(tmp_path: Path):
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2"] and "rewards_length_reward_mean" in rows[0]
 
-    scores, predictions = evaluate(out, data, EvalConfig(max_new_tokens=4))
-    assert scores["avg"]["n"] == 3 and len(predictions) == 3
-    assert set(predictions[0]) >= {"id", "gt", "pred_answer"}
+    # The trained weights go through the evaluation harness: both modes, the real sandbox for the agent.
+    cfg = Config.model_validate({"model": MODEL.model_dump(), "paths": {"mat_coding": "data"},
+                                 "eval": {"benchmarks": ["mat-coding"], "max_new_tokens": 4},
+                                 "agent": {"max_turns": 2}, "sandbox": {"workers": 1}})
+    cfg._root = tmp_path
+    scores, predictions, report = evaluate(out, cfg)
+    assert scores["mat-coding"]["agent"]["avg"]["n"] == 3 and scores["mat-coding"]["direct"]["avg"]["n"] == 3
+    rows = predictions["mat-coding.agent"]
+    assert len(rows) == 3 and set(rows[0]) >= {"id", "gt", "pred_answer", "turns"}
+    assert all(r["end"] in ("answer", "turns") and r["n_turns"] <= 2 for r in rows)
+    assert report.count("<details") == 6
