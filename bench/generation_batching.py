@@ -69,7 +69,7 @@ def main() -> None:
             results[batch] = {"seconds": round(seconds, 2), "items_per_s": round(len(prompts) / seconds, 2),
                               "outputs": outputs}
     one, many = results[1], results[args.batch]
-    same = sum(a == b for a, b in zip(one["outputs"], many["outputs"])) / len(prompts)
+    same = sum(a == b for a, b in zip(one["outputs"], many["outputs"], strict=True)) / len(prompts)
     speedup = one["seconds"] / many["seconds"]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {'embedded' if args.model is None else args.model} ({n_params / 1e6:.1f} M params), "

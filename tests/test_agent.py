@@ -88,6 +88,16 @@ def test_search_then_answer(tools, tmp_path):
     assert record["tool_calls"] == {"search": 1, "code": 0, "code_failed": 0, "invalid": 0}
 
 
+def test_search_step_scores_query_similarity_against_annotated_queries(tools, tmp_path):
+    item = EnvItem("s3", "search", "Q?", ["x"], gold_queries=["Eiffel Tower height", "Louvre location"])
+    env = make_env(item, tools, tmp_path)
+    env.reset()
+    close = env.step("<think> a </think>\n<search> how tall is the Eiffel Tower </search>").reward
+    assert close["format"] == 1.0 and 0.8 < close["query_similarity"] <= 1.0
+    far = env.step("<think> a </think>\n<search> banana bread recipe </search>").reward
+    assert far["query_similarity"] == 0.0  # below the paper's 0.5 floor
+
+
 def test_problem_code_answer_returns_the_fixed_image(tools, tmp_path, upside_down):
     path, clean = upside_down
     item = EnvItem("c1", "coding", "What colour is the band?", ["red"], image=path, labels=["rotation180"])
@@ -209,3 +219,16 @@ def test_cut_at_stop():
     assert cut_at_stop("<think> a </think><search> q </search>\n<information> fake") == \
         "<think> a </think><search> q </search>"
     assert cut_at_stop("no stop") == "no stop"
+
+
+def test_corrected_code_reward_pays_only_code_that_ran_and_wrote_an_image(tools, upside_down):
+    from arft_core import rewards
+    from arft_core.agent.env import code_runner
+
+    path, _ = upside_down
+    completions = [ROTATE, CRASH, "<think> x </think>\n<code>\n```python\nx = 1\n```\n</code>", "just text"]
+    columns = {"solution": ["<think> s </think><code>```python\nx```</code>"] * 4, "image_path": [str(path)] * 4}
+    _, paper = rewards.make_reward_funcs("coding", "paper")
+    assert paper(completions, **columns) == [0.9, 0.9, 0.9, 0.9]  # the paper pays any code step, even plain text
+    _, corrected = rewards.make_reward_funcs("coding", "corrected", code_runner=code_runner(tools.sandbox))
+    assert corrected(completions, **columns) == [1.0, 0.0, 0.0, 0.0]

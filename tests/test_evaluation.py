@@ -73,7 +73,8 @@ class Oracle:
         answer = f"<think> done </think>\n<answer> {gold} </answer>"
         if "<query>" in text and "image processing" in text:
             return ["<think> look </think>\n<problem> {'none'} </problem>", COPY, answer][p.turn - 1]
-        return ["<think> look it up </think>\n<search> " + text.split("<query>")[1][:40] + " </search>", answer][p.turn - 1]
+        search = "<think> look it up </think>\n<search> " + text.split("<query>")[1][:40] + " </search>"
+        return [search, answer][p.turn - 1]
 
 
 def test_eval_with_an_oracle_policy_scores_full_marks_and_writes_the_report(project: Path):

@@ -27,6 +27,7 @@ class EnvItem:
     image: Path | None = None  # None for text-only multi-hop QA
     labels: list[str] = field(default_factory=list)  # MAT-Coding corruption labels (problem-step reward)
     cjk: bool = False  # score answers with the MAT-Coding CJK metric
+    gold_queries: list[str] = field(default_factory=list)  # annotated searches (query-similarity reward part)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Tools:
     sandbox: Any = None  # arft_core.sandbox.SandboxPool
     search: Any = None  # arft_core.search.SearchBackend
     top_k: int = 4
+    embedder: Any = None  # sentence encoder for the query-similarity part (default: the offline MiniLM)
 
 
 @dataclass
@@ -52,6 +54,43 @@ class StepResult:
     reward: dict[str, float]
     done: bool
     info: dict[str, Any]
+
+
+def run_code(sandbox, code: str, image: Path, out_dir: Path) -> tuple[Path | None, str | None]:
+    """Run model code on `image` in the sandbox: (the new image saved as `out_dir/image.png`, None) when the code
+    ran and wrote a decodable image, else (None, why). The code reward of the corrected variant asks the same."""
+    from PIL import Image
+
+    result = sandbox.run(code, [image], out_dir)
+    if not result.ok:
+        return None, result.error or "the code failed"
+    if not result.images:
+        return None, "the code wrote no output image (save to 'path_to_output_image.jpg')"
+    try:
+        with Image.open(result.images[0]) as im:
+            im.load()
+            new = Path(out_dir) / "image.png"
+            im.convert("RGB").save(new)
+    except Exception as e:  # the code wrote something that is not an image
+        return None, f"output is not a valid image: {e}"
+    return new, None
+
+
+def code_runner(sandbox, image_column: str = "image_path", root: Path | None = None):
+    """A `code_runner` for `rewards.make_reward_funcs(..., "corrected")`: runs a completion's `<code>` on the row's
+    image (column `image_column`, relative to `root`) and says whether it produced a valid image."""
+    import tempfile
+
+    def ran(completion: str, index: int, **columns) -> bool:
+        step = protocol.parse_step(completion, "coding")
+        if step.action != "code":
+            return False
+        image = Path(columns[image_column][index])
+        with tempfile.TemporaryDirectory(prefix="arft-code-reward-") as tmp:
+            new, _ = run_code(sandbox, step.content, (root / image) if root else image, Path(tmp))
+            return new is not None
+
+    return ran
 
 
 class AgentEnv:
@@ -87,6 +126,9 @@ class AgentEnv:
             self._finish("answer")
         elif parsed.action == "search":
             obs = self._search(parsed.content, info)
+            if self.item.gold_queries:
+                reward["query_similarity"] = max(rewards.query_similarity(parsed.content, g, self.tools.embedder)
+                                                 for g in self.item.gold_queries)
         elif parsed.action == "problem":
             labels = protocol.problem_labels(parsed.content, sort=False)
             info["labels"] = labels
@@ -132,11 +174,12 @@ class AgentEnv:
     def record(self) -> dict[str, Any]:
         """The episode as data: prediction, end reason, tool-call counts and every turn."""
         actions = [t["action"] for t in self.turns]
+        invalid = sum(1 for t in self.turns if t["output"] is not None and t["action"] is None)
         return {"id": self.item.id, "pred_answer": self.pred_answer, "end": self.end, "turns": self.turns,
                 "n_turns": len([t for t in self.turns if t["output"] is not None]),
                 "tool_calls": {"search": actions.count("search"), "code": actions.count("code"),
                                "code_failed": sum(1 for t in self.turns if t.get("code_ok") is False),
-                               "invalid": sum(1 for t in self.turns if t["output"] is not None and t["action"] is None)}}
+                               "invalid": invalid}}
 
     # ---- tools
     def _search(self, query: str, info: dict) -> Observation:
@@ -154,8 +197,6 @@ class AgentEnv:
         return Observation(text)
 
     def _code(self, code: str, info: dict) -> Observation:
-        from PIL import Image
-
         info["code_ok"] = False
         if self.image is None:
             info["error"] = "no image to process"
@@ -164,28 +205,19 @@ class AgentEnv:
             info["error"] = "no sandbox configured"
             return Observation("<error> Code execution is not available. </error>")
         if self.cfg.crop_teacher_forcing and "crop" in self.item.labels:
+            from PIL import Image
+
             with Image.open(self.image) as im:
                 code = protocol.force_crop_box(code, self.item.question, *im.size)
         info["code"] = code
-        step_dir = self.workdir / f"turn{len(self.turns) + 1}"
-        result = self.tools.sandbox.run(code, [self.image], step_dir)
-        if result.ok and result.images:
-            try:
-                with Image.open(result.images[0]) as im:
-                    im.load()
-                    new = step_dir / "image.png"
-                    im.convert("RGB").save(new)
-            except Exception as e:  # the code wrote something that is not an image
-                result.ok, result.error = False, f"output is not a valid image: {e}"
-            else:
-                info["code_ok"] = True
-                self.image = new
-                self.images.append(new)
-                return Observation("", new)
-        if result.ok:
-            result.error = "the code wrote no output image (save to 'path_to_output_image.jpg')"
-        info["error"] = result.error
-        return Observation(f"<error> {result.error.strip()[-500:]} </error>")
+        new, error = run_code(self.tools.sandbox, code, self.image, self.workdir / f"turn{len(self.turns) + 1}")
+        if new is None:
+            info["error"] = error
+            return Observation(f"<error> {error.strip()[-500:]} </error>")
+        info["code_ok"] = True
+        self.image = new
+        self.images.append(new)
+        return Observation("", new)
 
     # ---- helpers
     def _format(self, output: str, parsed: protocol.Step) -> float:
