@@ -87,19 +87,30 @@ class VLLMGenerator:
             stop=list(STOP_SEQUENCES), include_stop_str_in_output=True, seed=cfg.seed)
 
     def generate(self, prompts: Sequence[Prompt]) -> list[str]:
-        from PIL import Image
-
         conversations = []
         for p in prompts:
             images = iter(p.images)
             conv = []
             for m in p.messages:
-                content = [{"type": "image_pil", "image_pil": Image.open(next(images)).convert("RGB")}
+                # Data URLs work across vLLM versions (the PIL content part is recent).
+                content = [{"type": "image_url", "image_url": {"url": _data_url(next(images))}}
                            if c["type"] == "image" else c for c in m["content"]]
                 conv.append({"role": m["role"], "content": content})
             conversations.append(conv)
         results = self.llm.chat(conversations, self.params, use_tqdm=False)
         return [cut_at_stop(r.outputs[0].text) for r in results]
+
+
+def _data_url(path: Path) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(path) as im:
+        im.convert("RGB").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def make_generator(model_dir: Path, cfg: EvalConfig, dtype: str = "float32",
