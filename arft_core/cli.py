@@ -49,7 +49,25 @@ def _stage_command(stage: str, help_text: str) -> None:
 
 _stage_command("model", "Build the embedded base model (or reference the checkpoint in model.name_or_path).")
 _stage_command("validate", "Validate the manifests (Great Expectations); fails with a per-item report.")
-_stage_command("train", "GRPO-train the policy with TRL's GRPOTrainer.")
+
+
+@app.command("train")
+def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Print the resolved train settings "
+                                               "(preset applied) as YAML and exit."),
+              params: Optional[Path] = ParamsOption) -> None:
+    """SFT cold start (optional), then GRPO with TRL's GRPOTrainer on the task's step samples."""
+    if show_config:
+        import yaml
+
+        from arft_core.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(params)
+        except ConfigError as exc:
+            _fail(str(exc))
+        typer.echo(yaml.safe_dump({"train": cfg.train.model_dump(mode="json")}, sort_keys=False))
+        return
+    _run_stage("train", params)
 _stage_command("evaluate", "Evaluate the trained policy: MAT-Coding, MAT-Search, multi-hop QA; agent and direct.")
 _stage_command("register", "Register the trained model in MLflow with the configured alias.")
 

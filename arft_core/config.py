@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -215,20 +215,56 @@ class SearchDataConfig(Section):
                                  ge=0.0, le=1.0)
 
 
-class TrainConfig(Section):
-    """GRPO training (TRL GRPOTrainer)."""
+class SftConfig(Section):
+    """Supervised cold start (TRL SFTTrainer) on the teacher's step samples, before GRPO."""
 
+    enabled: bool = Field(True, description="Run SFT before GRPO (on for the embedded model, which otherwise never "
+                          "writes a valid tag).")
+    max_steps: int = Field(20, description="SFT optimizer steps.", ge=1)
+    learning_rate: float = Field(1e-3, description="SFT learning rate.", gt=0)
+    batch_size: int = Field(8, description="SFT samples per device per step.", ge=1)
+
+
+class LoraConfig(Section):
+    """Low-rank adapters (PEFT) instead of full fine-tuning."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters (merged into the saved model) instead of all "
+                          "weights.")
+    r: int = Field(16, description="Adapter rank.", ge=1)
+    alpha: int = Field(32, description="Adapter scaling (lora_alpha).", ge=1)
+    dropout: float = Field(0.05, description="Adapter dropout.", ge=0, lt=1)
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="Module names that get adapters (the language model's attention).")
+
+
+class TrainConfig(Section):
+    """GRPO training (TRL GRPOTrainer) on the step samples of one task (the paper trains the tasks separately)."""
+
+    preset: str | None = Field(None, description="Name of a `train_presets` entry whose values override these "
+                               "(e.g. `paper`: the authors' effective settings, pinned).")
+    task: Literal["coding", "search"] = Field("coding", description="Which task's step samples to train on.")
     seed: int = Field(42, description="Training seed.")
-    max_steps: int = Field(4, description="Optimizer steps.", ge=1)
+    max_steps: int = Field(4, description="GRPO optimizer steps.", ge=1)
     learning_rate: float = Field(1e-5, description="AdamW learning rate (paper: 1e-6).", gt=0)
-    per_device_train_batch_size: int = Field(4, description="Completions per device per step.", ge=1)
+    lr_scheduler_type: str = Field("linear", description="Learning-rate schedule (paper: linear, no warmup).")
+    warmup_steps: int = Field(0, description="Warm-up steps (paper: 0).", ge=0)
+    weight_decay: float = Field(0.0, description="AdamW weight decay (paper: 0).", ge=0)
+    prompts_per_device: int = Field(1, description="Prompts per device per micro-step; each gets num_generations "
+                                    "completions (paper: 1).", ge=1)
     gradient_accumulation_steps: int = Field(1, description="Gradient accumulation steps (paper: 2).", ge=1)
     num_generations: int = Field(4, description="Group size G (paper: 8).", ge=2)
     max_completion_length: int = Field(32, description="Max new tokens per completion (paper: 256).", ge=1)
     temperature: float = Field(1.0, description="Rollout sampling temperature (paper: 1.0).", gt=0)
-    beta: float = Field(0.04, description="KL coefficient (paper: 0.04).", ge=0)
+    beta: float = Field(0.04, description="KL coefficient (paper: 0.04; TRL's default is now 0).", ge=0)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
-        "grpo", description="TRL loss normalisation; 'grpo' is the paper's per-sequence mean.")
+        "grpo", description="TRL loss normalisation; 'grpo' is the paper's per-sequence mean (TRL's default is "
+        "now dapo).")
+    image_size: int | None = Field(None, description="Resize training images to this square size, aspect not "
+                                   "kept (paper: 720); null keeps them.", ge=28)
+    max_pixels: int | None = Field(None, description="Processor pixel cap per image (paper: 401408 -> 616x616); "
+                                   "null keeps the processor's.", ge=3136)
+    min_pixels: int | None = Field(None, description="Processor pixel floor per image (paper: 3136).", ge=784)
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (paper: true).")
     reward_variant: Literal["paper", "corrected"] = Field(
         "corrected", description="paper: the authors' rewards exactly (F1 falls back to the whole completion, no "
         "CJK, math-verify shortcut on search, 0.9 for any code step); corrected: no fallback, CJK F1 over all golds, "
@@ -239,6 +275,8 @@ class TrainConfig(Section):
                                "the paper's text says 1).", ge=0)
     reward_weights: list[float] = Field([1.0, 1.0], description="Weights of [format, accuracy] (paper: plain sum).")
     logging_steps: int = Field(1, description="Log every N steps.", ge=1)
+    sft: SftConfig = Field(default_factory=SftConfig, description="Supervised cold start.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT).")
 
 
 class AgentConfig(Section):
@@ -322,6 +360,17 @@ class PipelineConfig(Section):
     retry_delay_seconds: float = Field(5.0, description="Delay between retries.", ge=0)
 
 
+# The authors' effective training settings (spec §1.5, §4). Pinned, because today's TRL defaults differ (beta 0,
+# loss dapo, max completion 512). TRL counts batches in completions: 1 prompt x G=8 per device = 8 completions.
+PAPER_PRESET: dict[str, Any] = {
+    "num_generations": 8, "prompts_per_device": 1, "gradient_accumulation_steps": 2, "learning_rate": 1e-6,
+    "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "beta": 0.04, "loss_type": "grpo",
+    "max_completion_length": 256, "temperature": 1.0, "image_size": 720, "max_pixels": 401408, "min_pixels": 3136,
+    "gradient_checkpointing": True, "reward_variant": "paper", "reward_weights": [1.0, 1.0],
+    "sft": {"enabled": False},
+}
+
+
 class Config(Section):
     """The whole of params.yaml."""
 
@@ -330,6 +379,9 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Data generation.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
+    train_presets: dict[str, dict[str, Any]] = Field(
+        {"paper": PAPER_PRESET}, description="Named sets of `train` values; `train.preset` picks one, and its "
+        "values win over the `train` section's.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
@@ -340,6 +392,21 @@ class Config(Section):
 
     # Set by load_config: the folder params.yaml lives in. Not a params key.
     _root: Path = Path(".")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_train_preset(cls, data: Any) -> Any:
+        """`train.preset: NAME` -> the preset's values win over the `train` section's (nested sections merge)."""
+        if not isinstance(data, dict) or not isinstance(data.get("train"), dict) or not data["train"].get("preset"):
+            return data
+        name = data["train"]["preset"]
+        presets = data.get("train_presets", {"paper": PAPER_PRESET})
+        if name not in presets:
+            raise ValueError(f"train.preset: unknown preset {name!r}; defined: {', '.join(presets)}")
+        train = dict(data["train"])
+        for key, value in presets[name].items():
+            train[key] = {**(train.get(key) or {}), **value} if isinstance(value, dict) else value
+        return {**data, "train": train}
 
     @property
     def root(self) -> Path:

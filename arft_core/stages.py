@@ -144,8 +144,19 @@ def train_stage(cfg: Config) -> dict:
     from arft_core.tracking import log_metrics
     from arft_core.training import train
 
-    summary = train(cfg.model, cfg.train, cfg.path("base_model"), cfg.path("mat_coding"), cfg.path("trained_model"),
-                    cfg.path("train_log"), sink=lambda m, step: log_metrics(m, step=step))
+    data_dir = cfg.path("mat_coding" if cfg.train.task == "coding" else "mat_search")
+    sink = lambda m, step: log_metrics(m, step=step)  # noqa: E731
+    if cfg.train.task == "coding" and cfg.train.reward_variant == "corrected":
+        # The corrected code reward runs each sampled code step in the sandbox.
+        from arft_core.agent.env import code_runner
+        from arft_core.sandbox import SandboxPool
+
+        with SandboxPool(cfg.sandbox) as pool:
+            summary = train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
+                            cfg.path("train_log"), sink=sink, code_runner=code_runner(pool))
+    else:
+        summary = train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
+                        cfg.path("train_log"), sink=sink)
     write_json_atomic(cfg.path("train_metrics"), summary)
     mlflow.log_artifact(str(cfg.path("train_log")))
     return summary

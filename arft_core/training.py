@@ -1,4 +1,9 @@
-"""GRPO training of the policy with TRL's GRPOTrainer on MAT-Coding answer steps (format + answer-F1 rewards)."""
+"""Training: an optional SFT cold start (TRL SFTTrainer) on the teacher's step samples, then GRPO (TRL
+GRPOTrainer) on the same step samples with the paper's rewards (spec §1.4-1.5, §3). No ground-truth injection.
+
+A step sample is one user message, the paper's form: image, then the task's system prompt, the `<query>` and the
+partial chain so far (`context`); the target step is `solution`, which also tells the rewards the step type.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +15,68 @@ from pathlib import Path
 from typing import Callable
 
 from arft_core.config import ModelConfig, TrainConfig
-from arft_core.data.mat_coding import input_image_path, load_manifest
-from arft_core.protocol import coding_prompt
-from arft_core.rewards import make_reward_funcs
+from arft_core.protocol import system_prompt
 
 MetricsSink = Callable[[dict[str, float], int], None]
 TRAIN_CONFIG_FILE = "arft_train_config.json"
+STEPS_FILE = "train_steps.json"
 
 
-def build_dataset(items: list[dict], data_dir: Path):
-    from datasets import Dataset
+def load_step_rows(data_dir: Path) -> list[dict]:
+    path = data_dir / STEPS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no step samples (run the data stage for this task first)")
+    rows = json.loads(path.read_text())
+    if not rows:
+        raise ValueError(f"{path}: no step samples to train on")
+    return rows
+
+
+def step_prompt(task: str, row: dict) -> list[dict]:
+    """The paper's step sample as one user message: image, then system prompt + query (+ the chain so far)."""
+    text = f"{system_prompt(task)}\n{row['problem']}" + (f"\n{row['context']}" if row.get("context") else "")
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def load_image(path: Path, size: int | None):
+    """RGB image, resized to `size` x `size` without keeping the aspect ratio (the paper's 720x720), or as is."""
     from PIL import Image
 
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return im.resize((size, size), Image.BICUBIC) if size else im
+
+
+def build_step_dataset(rows: list[dict], data_dir: Path, task: str, image_size: int | None):
+    """Columns: prompt, image, solution (the teacher step), answers, image_path (absolute), item_id."""
+    from datasets import Dataset
+
     return Dataset.from_dict({
-        "prompt": [coding_prompt(i["question"]) for i in items],
-        "image": [Image.open(data_dir / input_image_path(i)).convert("RGB") for i in items],
-        "answers": [i["answers"] for i in items],
-        "solution": [f"<answer> {i['answers'][0]} </answer>" for i in items],  # the step type: answer
+        "prompt": [step_prompt(task, r) for r in rows],
+        "image": [load_image(data_dir / r["image_path"], image_size) for r in rows],
+        "solution": [r["solution"] for r in rows],
+        "answers": [r["answers"] for r in rows],
+        "image_path": [str(data_dir / r["image_path"]) for r in rows],
+        "item_id": [str(r["item_id"]) for r in rows],
     })
 
 
-def _metrics_callback(sink: MetricsSink):
+def _sft_dataset(dataset):
+    # SFTTrainer's prompt-completion form: the loss covers the teacher's step only.
+    return dataset.map(lambda r: {"completion": [{"role": "assistant", "content": [{"type": "text",
+                                                                                    "text": r["solution"]}]}],
+                                  "images": [r["image"]]},
+                       remove_columns=[c for c in dataset.column_names if c != "prompt"])
+
+
+def _metrics_callback(sink: MetricsSink, prefix: str = ""):
     from transformers import TrainerCallback
 
     class ForwardMetrics(TrainerCallback):
         """Hands every numeric log entry of the trainer to `sink` (MLflow in the pipeline)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            numeric = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            numeric = {prefix + k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             if numeric:
                 sink(numeric, state.global_step)
 
@@ -57,45 +96,90 @@ def write_log_csv(history: list[dict], path: Path) -> None:
             w.writerow({k.replace("/", "_"): h.get(k, "") for k in keys})
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: Path, out_dir: Path,
-          log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None) -> dict:
-    """Run GRPO on the train manifest; save the final model and processor to `out_dir`; return final metrics.
+def _set_pixel_budget(processor, cfg: TrainConfig) -> None:
+    ip = processor.image_processor
+    if cfg.max_pixels:
+        ip.max_pixels = cfg.max_pixels
+        ip.size = {**(ip.size or {}), "longest_edge": cfg.max_pixels}
+    if cfg.min_pixels:
+        ip.min_pixels = cfg.min_pixels
+        ip.size = {**(ip.size or {}), "shortest_edge": cfg.min_pixels}
 
-    `reward_funcs` defaults to the coding [format, accuracy] pair of `cfg.reward_variant`; `cfg.reward_weights`
-    must match its length.
+
+def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, sink: MetricsSink):
+    """A few SFTTrainer steps on the teacher steps so that the policy starts out writing the protocol's tags."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(scratch / "sft"), max_steps=cfg.sft.max_steps, learning_rate=cfg.sft.learning_rate,
+                     per_device_train_batch_size=cfg.sft.batch_size, seed=cfg.seed, logging_steps=cfg.logging_steps,
+                     report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), max_length=None,
+                     gradient_checkpointing=cfg.gradient_checkpointing, bf16=model.dtype == torch.bfloat16,
+                     disable_tqdm=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_dataset(dataset), processing_class=processor,
+                         callbacks=[_metrics_callback(sink, "sft/")])
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    return trainer.model, {"sft_steps": trainer.state.global_step,
+                           "sft_final_loss": float(steps[-1]["loss"]) if steps else float("nan")}
+
+
+def _lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: Path, out_dir: Path,
+          log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None,
+          code_runner: Callable | None = None) -> dict:
+    """SFT cold start (if enabled), then GRPO on the step samples in `data_dir`; save the model and processor to
+    `out_dir` (LoRA adapters merged); return final metrics.
+
+    `reward_funcs` defaults to the task's [format, accuracy] pair of `cfg.reward_variant`; the corrected coding
+    variant runs code steps through `code_runner` (the sandbox).
     """
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
     from arft_core.model.embedded import load_model
+    from arft_core.rewards import make_reward_funcs
 
-    reward_funcs = reward_funcs or make_reward_funcs("coding", cfg.reward_variant,
-                                                     similarity_floor=cfg.similarity_floor, code_reward=cfg.code_reward)
+    reward_funcs = reward_funcs or make_reward_funcs(cfg.task, cfg.reward_variant, code_runner=code_runner,
+                                                     similarity_floor=cfg.similarity_floor,
+                                                     code_reward=cfg.code_reward)
     if len(cfg.reward_weights) != len(reward_funcs):
         raise ValueError(f"train.reward_weights needs {len(reward_funcs)} values "
                          f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")
-    if (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps) % cfg.num_generations:
-        raise ValueError("train.per_device_train_batch_size x gradient_accumulation_steps must be a multiple of "
-                         f"train.num_generations ({cfg.num_generations})")
     model, processor = load_model(base_model, model_cfg.dtype)
-    dataset = build_dataset(load_manifest(data_dir, "train"), data_dir)
-    with tempfile.TemporaryDirectory(prefix="arft-grpo-") as scratch:
+    _set_pixel_budget(processor, cfg)
+    dataset = build_step_dataset(load_step_rows(data_dir), data_dir, cfg.task, cfg.image_size)
+    summary: dict = {}
+    with tempfile.TemporaryDirectory(prefix="arft-train-") as scratch:
+        if cfg.sft.enabled:
+            model, sft_summary = sft_cold_start(model, processor, dataset, cfg, Path(scratch), sink)
+            summary.update(sft_summary)
+        processor.tokenizer.padding_side = "left"
         args = GRPOConfig(
             output_dir=scratch, seed=cfg.seed, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+            per_device_train_batch_size=cfg.prompts_per_device * cfg.num_generations,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_generations=cfg.num_generations,
             max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
             loss_type=cfg.loss_type, reward_weights=cfg.reward_weights, logging_steps=cfg.logging_steps,
-            report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(),
-            bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
+            gradient_checkpointing=cfg.gradient_checkpointing, report_to=[], save_strategy="no",
+            use_cpu=not torch.cuda.is_available(), bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                              processing_class=processor, callbacks=[_metrics_callback(sink)])
+                              processing_class=processor, callbacks=[_metrics_callback(sink)],
+                              peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
         trainer.train()
         history = trainer.state.log_history
+    final = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    trainer.model.save_pretrained(out_dir)
+    final.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     # Provenance travels with the weights: the settings that produced them.
     (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
@@ -105,6 +189,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     steps = [h for h in history if "reward" in h]
     last = steps[-1] if steps else {}
     return {
+        **summary,
         "steps": trainer.state.global_step,
         "final_reward": float(last.get("reward", 0.0)),
         "final_kl": float(last.get("kl", 0.0)),
