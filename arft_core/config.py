@@ -34,6 +34,8 @@ class PathsConfig(Section):
     contact_sheet: str = Field("reports/contact_sheet.png", description="Clean / corrupted / fixed grid per type.")
     validation_report: str = Field("reports/validation.json", description="Validation report (GX results per item).")
     data_docs: str = Field("reports/data_docs", description="Great Expectations Data Docs (HTML).")
+    train_checkpoints: str = Field("models/checkpoints", description="GRPO checkpoints for resuming a killed "
+                                   "run (not a DVC output: it must survive the stage's restart).")
     trained_model: str = Field("models/trained", description="Output of the train stage: the trained model.")
     train_metrics: str = Field("reports/train.json", description="Final training metrics (DVC metrics file).")
     train_log: str = Field("reports/train_log.csv", description="Per-step training log (DVC plots file).")
@@ -275,6 +277,10 @@ class TrainConfig(Section):
                                "the paper's text says 1).", ge=0)
     reward_weights: list[float] = Field([1.0, 1.0], description="Weights of [format, accuracy] (paper: plain sum).")
     logging_steps: int = Field(1, description="Log every N steps.", ge=1)
+    save_steps: int = Field(0, description="Checkpoint every N GRPO steps into paths.train_checkpoints; `arft "
+                            "train` resumes from the last one (same settings and data only). 0: no checkpoints "
+                            "(paper: 100).", ge=0)
+    save_total_limit: int = Field(2, description="Checkpoints kept (oldest deleted first).", ge=1)
     sft: SftConfig = Field(default_factory=SftConfig, description="Supervised cold start.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT).")
 

@@ -153,10 +153,11 @@ def train_stage(cfg: Config) -> dict:
 
         with SandboxPool(cfg.sandbox) as pool:
             summary = train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
-                            cfg.path("train_log"), sink=sink, code_runner=code_runner(pool))
+                            cfg.path("train_log"), sink=sink, code_runner=code_runner(pool),
+                            checkpoint_dir=cfg.path("train_checkpoints"))
     else:
         summary = train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
-                        cfg.path("train_log"), sink=sink)
+                        cfg.path("train_log"), sink=sink, checkpoint_dir=cfg.path("train_checkpoints"))
     write_json_atomic(cfg.path("train_metrics"), summary)
     mlflow.log_artifact(str(cfg.path("train_log")))
     return summary

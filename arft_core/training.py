@@ -124,6 +124,41 @@ def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, s
                            "sft_final_loss": float(steps[-1]["loss"]) if steps else float("nan")}
 
 
+def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base_model: Path, data_dir: Path) -> str:
+    """What a checkpoint belongs to: the settings, the base model and the step samples. A run resumes only from
+    checkpoints with the same fingerprint (a param change must not continue an old run)."""
+    import hashlib
+
+    keep = cfg.model_dump(mode="json", exclude={"max_steps", "save_steps", "save_total_limit", "logging_steps"})
+    blob = json.dumps({"train": keep, "model": model_cfg.model_dump(mode="json"), "base": str(base_model.resolve()),
+                       "steps": hashlib.sha256((data_dir / STEPS_FILE).read_bytes()).hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_checkpoints(folder: Path, fingerprint: str) -> str | None:
+    """The last checkpoint to resume from, or None; clears checkpoints of another configuration."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = folder / "fingerprint.txt"
+    if folder.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return get_last_checkpoint(str(folder))
+
+
+def _restore_weights(model, checkpoint: Path, dtype: str) -> None:
+    """Load a checkpoint's weights into the policy. transformers 5 saves Qwen2.5-VL under its original key names,
+    which the Trainer's own resume loads non-strictly and so silently skips; `from_pretrained` maps them."""
+    from arft_core.model.embedded import load_model
+
+    saved, _ = load_model(checkpoint, dtype)
+    missing = set(model.state_dict()) - set(saved.state_dict())
+    if missing:
+        raise RuntimeError(f"{checkpoint}: checkpoint lacks weights {sorted(missing)[:3]}")
+    model.load_state_dict(saved.state_dict())
+
+
 def _lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
@@ -133,12 +168,15 @@ def _lora_config(cfg: TrainConfig):
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: Path, out_dir: Path,
           log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None,
-          code_runner: Callable | None = None) -> dict:
+          code_runner: Callable | None = None, checkpoint_dir: Path | None = None,
+          callbacks: list | None = None) -> dict:
     """SFT cold start (if enabled), then GRPO on the step samples in `data_dir`; save the model and processor to
     `out_dir` (LoRA adapters merged); return final metrics.
 
     `reward_funcs` defaults to the task's [format, accuracy] pair of `cfg.reward_variant`; the corrected coding
-    variant runs code steps through `code_runner` (the sandbox).
+    variant runs code steps through `code_runner` (the sandbox). With `cfg.save_steps` and `checkpoint_dir`, GRPO
+    checkpoints every `save_steps` and a new call resumes from the last checkpoint of the same configuration
+    (weights, optimizer, scheduler, RNG, data position); the SFT result is kept there too, as the KL reference.
     """
     import torch
     from trl import GRPOConfig, GRPOTrainer
@@ -152,29 +190,46 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     if len(cfg.reward_weights) != len(reward_funcs):
         raise ValueError(f"train.reward_weights needs {len(reward_funcs)} values "
                          f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")
-    model, processor = load_model(base_model, model_cfg.dtype)
-    _set_pixel_budget(processor, cfg)
     dataset = build_step_dataset(load_step_rows(data_dir), data_dir, cfg.task, cfg.image_size)
-    summary: dict = {}
+    resume = None
+    if cfg.save_steps and checkpoint_dir is not None:
+        resume = prepare_checkpoints(checkpoint_dir, _fingerprint(cfg, model_cfg, base_model, data_dir))
+    sft_dir = checkpoint_dir / "sft_model" if checkpoint_dir is not None and cfg.save_steps else None
+    start = sft_dir if sft_dir is not None and (sft_dir / "config.json").is_file() else base_model
+    model, processor = load_model(start, model_cfg.dtype)
+    _set_pixel_budget(processor, cfg)
+    summary: dict = {"resumed_from": Path(resume).name if resume else None}
     with tempfile.TemporaryDirectory(prefix="arft-train-") as scratch:
-        if cfg.sft.enabled:
+        if cfg.sft.enabled and start == base_model:
             model, sft_summary = sft_cold_start(model, processor, dataset, cfg, Path(scratch), sink)
             summary.update(sft_summary)
+            # Saved and reloaded: TRL builds the KL reference from the model's folder, which must be the SFT
+            # result (not the base); with checkpoints it is also the starting point of a resumed run.
+            sft_dir = sft_dir or Path(scratch) / "sft_model"
+            model.save_pretrained(sft_dir)
+            processor.save_pretrained(sft_dir)
+            model, _ = load_model(sft_dir, model_cfg.dtype)
         processor.tokenizer.padding_side = "left"
+        checkpoints = cfg.save_steps and checkpoint_dir is not None
         args = GRPOConfig(
-            output_dir=scratch, seed=cfg.seed, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            output_dir=str(checkpoint_dir) if checkpoints else scratch, seed=cfg.seed, max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
             per_device_train_batch_size=cfg.prompts_per_device * cfg.num_generations,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_generations=cfg.num_generations,
             max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
             loss_type=cfg.loss_type, reward_weights=cfg.reward_weights, logging_steps=cfg.logging_steps,
-            gradient_checkpointing=cfg.gradient_checkpointing, report_to=[], save_strategy="no",
+            gradient_checkpointing=cfg.gradient_checkpointing, report_to=[],
+            save_strategy="steps" if checkpoints else "no", save_steps=cfg.save_steps or 500,
+            save_total_limit=cfg.save_total_limit,
             use_cpu=not torch.cuda.is_available(), bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                              processing_class=processor, callbacks=[_metrics_callback(sink)],
+                              processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or [])],
                               peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
-        trainer.train()
+        if resume and not cfg.lora.enabled:
+            _restore_weights(trainer.model, Path(resume), model_cfg.dtype)
+        trainer.train(resume_from_checkpoint=resume)
         history = trainer.state.log_history
     final = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
     if out_dir.exists():

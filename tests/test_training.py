@@ -2,6 +2,7 @@
 the task's rewards, LoRA, the paper preset, and evaluation of the result."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,45 @@ def test_paper_preset_pins_every_value_and_show_config_prints_them(tmp_path):
     assert (shown["image_size"], shown["max_pixels"], shown["min_pixels"]) == (720, 401408, 3136)
     assert shown["prompts_per_device"] == 1 and shown["gradient_accumulation_steps"] == 2
     assert shown["reward_variant"] == "paper" and shown["sft"]["enabled"] is False
+
+
+def run_job(tiny: Path, work: Path, *args: int) -> subprocess.CompletedProcess:
+    job = Path(__file__).with_name("resume_job.py")
+    argv = [sys.executable, str(job), str(tiny / "base"), str(tiny / "data"), str(work / "out"), str(work / "ckpt"),
+            str(work / "batches.jsonl"), *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=work)
+
+
+def batches_by_step(log: Path) -> dict[int, list]:
+    seen: dict[int, list] = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        seen[entry["step"]] = entry  # a step redone after the resume overwrites the killed run's
+    return seen
+
+
+def test_killed_training_resumes_from_the_last_checkpoint(tiny, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    done = run_job(tiny, straight, 5, 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 5
+
+    dead = run_job(tiny, killed, 5, 2, 3)
+    assert dead.returncode == -9  # SIGKILL at the end of step 3: checkpoint-2 is the last one written
+    assert sorted(p.name for p in (killed / "ckpt").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (killed / "out").exists()
+    resumed = run_job(tiny, killed, 5, 2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 5
+
+    # The same batches at the same steps: nothing repeated or skipped across the kill and the resume.
+    expected, got = batches_by_step(straight / "batches.jsonl"), batches_by_step(killed / "batches.jsonl")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert {s: b["ids"] for s, b in got.items()} == {s: b["ids"] for s, b in expected.items()}
+    assert got == expected  # the same sampled completions too: the RNG state was restored
+    # Optimizer, scheduler and RNG state came back too: the resumed run ends with the same weights.
+    a, _ = load_model(straight / "out")
+    b, _ = load_model(killed / "out")
+    assert all(torch.allclose(v, b.state_dict()[k], atol=1e-6) for k, v in a.state_dict().items())
