@@ -121,6 +121,15 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
 
 
+@app.command("train-worker", hidden=True)
+def train_worker_cmd(params: Optional[Path] = ParamsOption) -> None:
+    """One rank of `train.launcher: accelerate` (started by `accelerate launch`, not by hand)."""
+    from arft_core.config import load_config
+    from arft_core.stages import train_worker
+
+    train_worker(load_config(params))
+
+
 @app.command("eval")
 def eval_cmd(model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the trained "
                                                    "model, paths.trained_model)."),

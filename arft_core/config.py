@@ -281,6 +281,14 @@ class TrainConfig(Section):
                             "train` resumes from the last one (same settings and data only). 0: no checkpoints "
                             "(paper: 100).", ge=0)
     save_total_limit: int = Field(2, description="Checkpoints kept (oldest deleted first).", ge=1)
+    launcher: Literal["none", "accelerate", "torchrun"] = Field(
+        "none", description="none: train in the stage's process (CPU, one GPU); accelerate: `accelerate launch` "
+        "num_processes ranks with accelerate_config (DDP, DeepSpeed ZeRO-2/3/3-offload from infra/); torchrun: "
+        "plain DDP over num_processes ranks (NCCL on GPUs, gloo on CPU).")
+    accelerate_config: str = Field("infra/accelerate/deepspeed_zero3.yaml", description="accelerate config file, "
+                                   "relative to the project root (infra/accelerate/deepspeed_zero{2,3,3_offload}.yaml).")
+    num_processes: int = Field(2, description="Processes (GPUs) per node for the accelerate / torchrun launchers.",
+                               ge=1)
     sft: SftConfig = Field(default_factory=SftConfig, description="Supervised cold start.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT).")
 
@@ -396,8 +404,9 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
 
-    # Set by load_config: the folder params.yaml lives in. Not a params key.
+    # Set by load_config: the folder params.yaml lives in, and the file itself. Not params keys.
     _root: Path = Path(".")
+    _source: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -470,6 +479,7 @@ def load_config(params: str | Path | None = None) -> Config:
     except ValidationError as err:
         raise ConfigError(_format_errors(err, path)) from None
     cfg._root = path.resolve().parent
+    cfg._source = path.resolve()
     return cfg
 
 

@@ -138,27 +138,79 @@ def validate_stage(cfg: Config) -> dict:
             "quarantined": n_quarantined}
 
 
-def train_stage(cfg: Config) -> dict:
-    import mlflow
-
-    from arft_core.tracking import log_metrics
+def train_here(cfg: Config, sink: Callable[[dict, int], None]) -> dict:
+    """Train in this process (one rank of a distributed launch, or the only one)."""
     from arft_core.training import train
 
     data_dir = cfg.path("mat_coding" if cfg.train.task == "coding" else "mat_search")
-    sink = lambda m, step: log_metrics(m, step=step)  # noqa: E731
+    args = (cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"), cfg.path("train_log"))
     if cfg.train.task == "coding" and cfg.train.reward_variant == "corrected":
         # The corrected code reward runs each sampled code step in the sandbox.
         from arft_core.agent.env import code_runner
         from arft_core.sandbox import SandboxPool
 
         with SandboxPool(cfg.sandbox) as pool:
-            summary = train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
-                            cfg.path("train_log"), sink=sink, code_runner=code_runner(pool),
-                            checkpoint_dir=cfg.path("train_checkpoints"))
+            return train(*args, sink=sink, code_runner=code_runner(pool), checkpoint_dir=cfg.path("train_checkpoints"))
+    return train(*args, sink=sink, checkpoint_dir=cfg.path("train_checkpoints"))
+
+
+def launch_distributed(cfg: Config, run_id: str | None) -> None:
+    """Start `train.num_processes` ranks of `arft train-worker`: `accelerate launch` with accelerate_config (DDP or
+    DeepSpeed ZeRO on GPUs), or `torchrun` (plain DDP: NCCL on GPUs, gloo on CPU). Rank 0 logs to MLflow run
+    `run_id` and writes the outputs."""
+    import os
+    import subprocess
+    import sys
+
+    worker = ["-m", "arft_core.cli", "train-worker", "--params", str(cfg._source or cfg.root / "params.yaml")]
+    if cfg.train.launcher == "accelerate":
+        config_file = cfg.root / cfg.train.accelerate_config
+        if not config_file.is_file():
+            raise FileNotFoundError(f"train.accelerate_config: {config_file} does not exist")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+               "--num_processes", str(cfg.train.num_processes), *worker]
     else:
-        summary = train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
-                        cfg.path("train_log"), sink=sink, checkpoint_dir=cfg.path("train_checkpoints"))
-    write_json_atomic(cfg.path("train_metrics"), summary)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(cfg.train.num_processes), *worker]
+    env = {**os.environ, "ARFT_TRAIN_RUN_ID": run_id or ""}
+    proc = subprocess.run(cmd, cwd=cfg.root, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+def train_worker(cfg: Config) -> dict:
+    """One rank of a distributed launch: train; rank 0 logs metrics to the launching stage's MLflow run."""
+    import os
+
+    import mlflow
+    from accelerate import PartialState
+
+    from arft_core.tracking import log_metrics
+
+    run_id = os.environ.get("ARFT_TRAIN_RUN_ID")
+    if PartialState().is_main_process and run_id:
+        mlflow.set_tracking_uri(cfg.tracking_uri())
+        with mlflow.start_run(run_id=run_id):
+            summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
+    else:
+        summary = train_here(cfg, lambda m, step: None)
+    if PartialState().is_main_process:
+        write_json_atomic(cfg.path("train_metrics"), summary)
+    return summary
+
+
+def train_stage(cfg: Config) -> dict:
+    import mlflow
+
+    from arft_core.tracking import log_metrics
+
+    if cfg.train.launcher != "none":
+        run = mlflow.active_run()
+        launch_distributed(cfg, run.info.run_id if run else None)
+        summary = json.loads(cfg.path("train_metrics").read_text())
+    else:
+        summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
+        write_json_atomic(cfg.path("train_metrics"), summary)
     mlflow.log_artifact(str(cfg.path("train_log")))
     return summary
 

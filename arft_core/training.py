@@ -137,14 +137,18 @@ def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base_model: Path, dat
 
 def prepare_checkpoints(folder: Path, fingerprint: str) -> str | None:
     """The last checkpoint to resume from, or None; clears checkpoints of another configuration."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     stamp = folder / "fingerprint.txt"
     if folder.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
-    return get_last_checkpoint(str(folder))
+    return _last_checkpoint(folder)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 def _restore_weights(model, checkpoint: Path, dtype: str) -> None:
@@ -179,10 +183,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     (weights, optimizer, scheduler, RNG, data position); the SFT result is kept there too, as the KL reference.
     """
     import torch
+    from accelerate import PartialState
     from trl import GRPOConfig, GRPOTrainer
 
     from arft_core.model.embedded import load_model
     from arft_core.rewards import make_reward_funcs
+
+    state = PartialState()  # one process, or one rank of `accelerate launch`; rank 0 writes the files
 
     reward_funcs = reward_funcs or make_reward_funcs(cfg.task, cfg.reward_variant, code_runner=code_runner,
                                                      similarity_floor=cfg.similarity_floor,
@@ -193,7 +200,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     dataset = build_step_dataset(load_step_rows(data_dir), data_dir, cfg.task, cfg.image_size)
     resume = None
     if cfg.save_steps and checkpoint_dir is not None:
-        resume = prepare_checkpoints(checkpoint_dir, _fingerprint(cfg, model_cfg, base_model, data_dir))
+        if state.is_main_process:
+            prepare_checkpoints(checkpoint_dir, _fingerprint(cfg, model_cfg, base_model, data_dir))
+        state.wait_for_everyone()
+        resume = _last_checkpoint(checkpoint_dir)
     sft_dir = checkpoint_dir / "sft_model" if checkpoint_dir is not None and cfg.save_steps else None
     start = sft_dir if sft_dir is not None and (sft_dir / "config.json").is_file() else base_model
     model, processor = load_model(start, model_cfg.dtype)
@@ -206,8 +216,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             # Saved and reloaded: TRL builds the KL reference from the model's folder, which must be the SFT
             # result (not the base); with checkpoints it is also the starting point of a resumed run.
             sft_dir = sft_dir or Path(scratch) / "sft_model"
-            model.save_pretrained(sft_dir)
-            processor.save_pretrained(sft_dir)
+            if state.is_main_process or sft_dir.is_relative_to(scratch):
+                model.save_pretrained(sft_dir)
+                processor.save_pretrained(sft_dir)
+            state.wait_for_everyone()
             model, _ = load_model(sft_dir, model_cfg.dtype)
         processor.tokenizer.padding_side = "left"
         checkpoints = cfg.save_steps and checkpoint_dir is not None
@@ -231,16 +243,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             _restore_weights(trainer.model, Path(resume), model_cfg.dtype)
         trainer.train(resume_from_checkpoint=resume)
         history = trainer.state.log_history
-    final = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    final.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    # Provenance travels with the weights: the settings that produced them.
-    (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
-        {"train": cfg.model_dump(mode="json"), "base_model": model_cfg.model_dump(mode="json"),
-         "reward_funcs": [f.__name__ for f in reward_funcs]}, indent=2))
-    write_log_csv(history, log_csv)
+    if state.is_main_process:
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        final = final.merge_and_unload() if cfg.lora.enabled else final
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        final.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+        # Provenance travels with the weights: the settings that produced them.
+        (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
+            {"train": cfg.model_dump(mode="json"), "base_model": model_cfg.model_dump(mode="json"),
+             "reward_funcs": [f.__name__ for f in reward_funcs]}, indent=2))
+        write_log_csv(history, log_csv)
+    state.wait_for_everyone()
     steps = [h for h in history if "reward" in h]
     last = steps[-1] if steps else {}
     return {
@@ -250,4 +265,5 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         "final_kl": float(last.get("kl", 0.0)),
         "mean_reward": sum(h["reward"] for h in steps) / len(steps) if steps else 0.0,
         "train_items": len(dataset),
+        "world_size": state.num_processes,
     }

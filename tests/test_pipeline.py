@@ -215,3 +215,22 @@ def test_failed_validation_stops_the_chain(tmp_path, prefect_server, project_cop
     statuses = {r.data.tags["arft.stage"]: r.info.status for r in runs}
     assert statuses == {"pipeline": "FAILED", "model": "FINISHED", "data": "FINISHED", "search_index": "FINISHED",
                         "search_data": "FINISHED", "validate": "FAILED"}
+
+
+def test_distributed_training_on_two_cpu_processes(pipeline_project):
+    """train.launcher: torchrun starts 2 ranks (DDP over gloo); rank 0 gathers and writes checkpoints, the model
+    and the metrics, and logs to the stage's MLflow run."""
+    project, _ = pipeline_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(launcher="torchrun", num_processes=2, max_steps=2, save_steps=1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    arft("train", cwd=project)
+    summary = json.loads((project / "reports" / "train.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert sorted(p.name for p in (project / "models" / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-1", "checkpoint-2"]
+    assert (project / "models" / "trained" / "model.safetensors").is_file()
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("arft")
+    run = client.search_runs([exp.experiment_id], "tags.`arft.stage` = 'train'", order_by=["start_time DESC"])[0]
+    assert run.info.status == "FINISHED" and {"sft.loss", "reward", "world_size"} <= set(run.data.metrics)
