@@ -142,6 +142,8 @@ def stage_run(cfg: Config, stage: str, sections: list[str]) -> Iterator:
     tags = {"arft.stage": stage, **git_tags(cfg.root)}
     tags.update({f"dvc.input.{path}": h for path, h in input_hashes(cfg.root, stage).items()})
     dumped = cfg.model_dump(mode="json")
-    with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags=tags) as run:
+    # System metrics (CPU, memory, GPU when present) for the long-running stages.
+    with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags=tags,
+                          log_system_metrics=stage in ("train", "evaluate")) as run:
         mlflow.log_params(flatten({s: dumped[s] for s in sections}))
         yield run

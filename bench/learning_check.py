@@ -72,7 +72,8 @@ def main() -> None:
 
     model_cfg = ModelConfig(embedded={"vocab_size": args.vocab, "seed": args.seed})
     data_cfg = DataConfig(n_train=args.train, n_test=args.test, seed=args.seed,
-                          sources={"synthetic": 0, "easy_vqa": 1}, hard=[["rotation90", "dark"]])
+                          sources={"synthetic": 0, "easy_vqa": 1}, hard=[["rotation90", "dark"]],
+                          simple=["rotation90", "rotation180", "dark", "none"])  # fixes that restore 112 px shapes
     common = dict(seed=args.seed, num_generations=4, prompts_per_device=2, max_completion_length=args.max_tokens,
                   temperature=1.0, beta=0.04, reward_variant="corrected", logging_steps=10)
     sft_only = TrainConfig(max_steps=1, learning_rate=1e-12, **common,
