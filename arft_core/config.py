@@ -244,7 +244,14 @@ class TrainConfig(Section):
 
     preset: str | None = Field(None, description="Name of a `train_presets` entry whose values override these "
                                "(e.g. `paper`: the authors' effective settings, pinned).")
-    task: Literal["coding", "search"] = Field("coding", description="Which task's step samples to train on.")
+    mode: Literal["step", "agentic"] = Field(
+        "step", description="step: the paper's recipe, one completion per teacher step sample (tool results "
+        "pre-filled offline); agentic: online multi-turn rollouts, the policy's own <code>/<search> run through the "
+        "agent loop and their results (new images included) fed back, tool tokens masked out of the loss.")
+    task: Literal["coding", "search"] = Field("coding", description="Which task to train on (the paper trains them "
+                                              "separately).")
+    turn_max_new_tokens: int = Field(32, description="agentic: max new tokens per model turn; the whole trajectory "
+                                     "(model + tool tokens) is capped by max_completion_length.", ge=1)
     seed: int = Field(42, description="Training seed.")
     max_steps: int = Field(4, description="GRPO optimizer steps.", ge=1)
     learning_rate: float = Field(1e-5, description="AdamW learning rate (paper: 1e-6).", gt=0)

@@ -61,6 +61,28 @@ def build_step_dataset(rows: list[dict], data_dir: Path, task: str, image_size: 
     })
 
 
+def build_item_dataset(items: list[dict], data_dir: Path, task: str, image_size: int | None):
+    """Agentic mode: one row per item, the first prompt of the agent loop; the environment needs the rest."""
+    from datasets import Dataset
+
+    from arft_core.data.mat_coding import input_image_path
+    from arft_core.protocol import coding_prompt, search_prompt
+
+    def image_of(item: dict) -> str:
+        return input_image_path(item) if task == "coding" else item["image_path"]
+
+    return Dataset.from_dict({
+        "prompt": [coding_prompt(i["question"]) if task == "coding" else search_prompt(i["question"])
+                   for i in items],
+        "image": [load_image(data_dir / image_of(i), image_size) for i in items],
+        "question": [i["question"] for i in items],
+        "answers": [i["answers"] for i in items],
+        "labels": [list(i.get("type") or []) for i in items],
+        "image_path": [str(data_dir / image_of(i)) for i in items],
+        "item_id": [str(i["id"]) for i in items],
+    })
+
+
 def _sft_dataset(dataset):
     # SFTTrainer's prompt-completion form: the loss covers the teacher's step only.
     return dataset.map(lambda r: {"completion": [{"role": "assistant", "content": [{"type": "text",
@@ -163,6 +185,24 @@ def _restore_weights(model, checkpoint: Path, dtype: str) -> None:
     model.load_state_dict(saved.state_dict())
 
 
+def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_first_turn):
+    from arft_core.agent.env import AgentEnv, EnvItem
+    from arft_core.agent.grpo import AgenticGRPOTrainer
+    from arft_core.config import AgentConfig
+
+    if tools is None:
+        raise ValueError("train.mode agentic needs the tools (sandbox and search) to run rollouts")
+    agent_cfg = agent_cfg or AgentConfig()
+
+    def env_factory(row: dict, workdir: Path) -> AgentEnv:
+        item = EnvItem(row["item_id"], cfg.task, row["question"], list(row["answers"]), Path(row["image_path"]),
+                       labels=list(row["labels"]), cjk=cfg.task == "coding")
+        return AgentEnv(item, tools, agent_cfg, workdir)
+
+    return AgenticGRPOTrainer(**common, env_factory=env_factory, max_turns=agent_cfg.max_turns,
+                              turn_max_new_tokens=cfg.turn_max_new_tokens, forced_first_turn=forced_first_turn)
+
+
 def _lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
@@ -173,7 +213,8 @@ def _lora_config(cfg: TrainConfig):
 def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: Path, out_dir: Path,
           log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None,
           code_runner: Callable | None = None, checkpoint_dir: Path | None = None,
-          callbacks: list | None = None) -> dict:
+          callbacks: list | None = None, tools=None, agent_cfg=None,
+          forced_first_turn: Callable[[int], str | None] | None = None) -> dict:
     """SFT cold start (if enabled), then GRPO on the step samples in `data_dir`; save the model and processor to
     `out_dir` (LoRA adapters merged); return final metrics.
 
@@ -181,6 +222,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     variant runs code steps through `code_runner` (the sandbox). With `cfg.save_steps` and `checkpoint_dir`, GRPO
     checkpoints every `save_steps` and a new call resumes from the last checkpoint of the same configuration
     (weights, optimizer, scheduler, RNG, data position); the SFT result is kept there too, as the KL reference.
+
+    `cfg.mode == "agentic"` trains on whole trajectories instead (`AgenticGRPOTrainer`): `tools` (sandbox, search)
+    and `agent_cfg` drive the agent loop, rewards default to the trajectory's format and final-answer F1; the SFT
+    cold start still uses the teacher step samples.
     """
     import torch
     from accelerate import PartialState
@@ -191,6 +236,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
 
     state = PartialState()  # one process, or one rank of `accelerate launch`; rank 0 writes the files
 
+    agentic = cfg.mode == "agentic"
+    if agentic:
+        from arft_core.agent.grpo import TRAJECTORY_REWARDS
+
+        reward_funcs = reward_funcs or TRAJECTORY_REWARDS
     reward_funcs = reward_funcs or make_reward_funcs(cfg.task, cfg.reward_variant, code_runner=code_runner,
                                                      similarity_floor=cfg.similarity_floor,
                                                      code_reward=cfg.code_reward)
@@ -198,6 +248,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         raise ValueError(f"train.reward_weights needs {len(reward_funcs)} values "
                          f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")
     dataset = build_step_dataset(load_step_rows(data_dir), data_dir, cfg.task, cfg.image_size)
+    if agentic:
+        from arft_core.data.mat_coding import load_manifest
+
+        rl_dataset = build_item_dataset(load_manifest(data_dir, "train"), data_dir, cfg.task, cfg.image_size)
+    else:
+        rl_dataset = dataset
     resume = None
     if cfg.save_steps and checkpoint_dir is not None:
         if state.is_main_process:
@@ -236,9 +292,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             save_total_limit=cfg.save_total_limit,
             use_cpu=not torch.cuda.is_available(), bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
-                              processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or [])],
-                              peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
+        common = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl_dataset,
+                      processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or [])],
+                      peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
+        if agentic:
+            trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn)
+        else:
+            trainer = GRPOTrainer(**common)
         if resume and not cfg.lora.enabled:
             _restore_weights(trainer.model, Path(resume), model_cfg.dtype)
         trainer.train(resume_from_checkpoint=resume)
@@ -264,6 +324,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         "final_reward": float(last.get("reward", 0.0)),
         "final_kl": float(last.get("kl", 0.0)),
         "mean_reward": sum(h["reward"] for h in steps) / len(steps) if steps else 0.0,
-        "train_items": len(dataset),
+        "train_items": len(rl_dataset),
         "world_size": state.num_processes,
     }

@@ -188,3 +188,54 @@ def test_killed_training_resumes_from_the_last_checkpoint(tiny, tmp_path):
     a, _ = load_model(straight / "out")
     b, _ = load_model(killed / "out")
     assert all(torch.allclose(v, b.state_dict()[k], atol=1e-6) for k, v in a.state_dict().items())
+
+
+ROTATE_90 = ("<think> The image is rotated. </think>\n<code>\n```python\nimport cv2\n"
+             "img = cv2.imread('path_to_input_image.jpg')\nimg = cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)\n"
+             "cv2.imwrite('path_to_output_image.png', img)\n```\n</code>")
+
+
+def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_path, monkeypatch):
+    from arft_core.agent import Tools
+    from arft_core.agent.grpo import AgenticGRPOTrainer
+    from arft_core.config import AgentConfig, SandboxConfig
+    from arft_core.sandbox import SandboxPool
+
+    seen = {"turn_inputs": [], "loss_inputs": []}
+    original_turn, original_loss = AgenticGRPOTrainer._generate_turn, AgenticGRPOTrainer._compute_loss
+
+    def spy_turn(self, seqs, imgs, max_new):  # what the model is given at each generated turn
+        seen["turn_inputs"].append({"n_images": [len(x) for x in imgs],
+                                    "image_tokens": [s.count(self.image_pad_id) for s in seqs]})
+        return original_turn(self, seqs, imgs, max_new)
+
+    def spy_loss(self, model, inputs):
+        seen["loss_inputs"].append({k: inputs[k].clone() for k in ("tool_mask", "completion_mask", "completion_ids")})
+        seen["pad_id"] = self.image_pad_id
+        return original_loss(self, model, inputs)
+
+    monkeypatch.setattr(AgenticGRPOTrainer, "_generate_turn", spy_turn)
+    monkeypatch.setattr(AgenticGRPOTrainer, "_compute_loss", spy_loss)
+    cfg = TrainConfig(mode="agentic", max_steps=2, num_generations=2, max_completion_length=400,
+                      turn_max_new_tokens=8, learning_rate=1e-2, reward_weights=[1.0], sft=NO_SFT)
+    logged = []
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        summary = train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
+                        sink=lambda m, s: logged.append(m), tools=Tools(sandbox=pool),
+                        agent_cfg=AgentConfig(max_turns=2), forced_first_turn=lambda i: ROTATE_90,
+                        reward_funcs=[length_reward])
+    assert summary["steps"] == 2 and summary["train_items"] == 4
+    # The first turn was scripted, so every generated turn is the second one: it sees the item's image and the
+    # image the sandbox produced, with one <|image_pad|> run each.
+    assert seen["turn_inputs"] and all(n == 2 for t in seen["turn_inputs"] for n in t["n_images"])
+    assert all(k >= 2 for t in seen["turn_inputs"] for k in t["image_tokens"])
+    for batch in seen["loss_inputs"]:
+        rows = zip(batch["completion_ids"], batch["tool_mask"], batch["completion_mask"], strict=True)
+        for ids, tool_mask, valid in rows:
+            ids, tool_mask = ids[valid.bool()], tool_mask[valid.bool()]
+            image_tokens = ids == seen["pad_id"]
+            assert image_tokens.any() and (tool_mask[image_tokens] == 0).all()  # tool image: loss mask 0
+            assert tool_mask.sum() > 0 and (tool_mask == 0).sum() > image_tokens.sum()  # user-turn text too
+    assert any(m.get("tools/call_rate") == 1.0 for m in logged)  # the scripted code call, once per rollout
+    assert any("tools/error_rate" in m for m in logged)
+    assert changed_weights(tiny / "base", tmp_path / "out"), "two agentic GRPO steps at lr 1e-2 must move weights"
