@@ -34,6 +34,8 @@ class PathsConfig(Section):
     contact_sheet: str = Field("reports/contact_sheet.png", description="Clean / corrupted / fixed grid per type.")
     validation_report: str = Field("reports/validation.json", description="Validation report (GX results per item).")
     data_docs: str = Field("reports/data_docs", description="Great Expectations Data Docs (HTML).")
+    train_search_cache: str = Field("data/train_search_cache.sqlite", description="Search cache of agentic "
+                                    "training rollouts (kept between runs; an ignored file, not a DVC output).")
     train_checkpoints: str = Field("models/checkpoints", description="GRPO checkpoints for resuming a killed "
                                    "run (not a DVC output: it must survive the stage's restart).")
     trained_model: str = Field("models/trained", description="Output of the train stage: the trained model.")

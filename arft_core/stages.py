@@ -140,18 +140,34 @@ def validate_stage(cfg: Config) -> dict:
 
 def train_here(cfg: Config, sink: Callable[[dict, int], None]) -> dict:
     """Train in this process (one rank of a distributed launch, or the only one)."""
+    from contextlib import ExitStack
+
     from arft_core.training import train
 
     data_dir = cfg.path("mat_coding" if cfg.train.task == "coding" else "mat_search")
-    args = (cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"), cfg.path("train_log"))
-    if cfg.train.task == "coding" and cfg.train.reward_variant == "corrected":
-        # The corrected code reward runs each sampled code step in the sandbox.
-        from arft_core.agent.env import code_runner
-        from arft_core.sandbox import SandboxPool
+    agentic = cfg.train.mode == "agentic"
+    kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints")}
+    with ExitStack() as stack:
+        pool = None
+        if cfg.train.task == "coding" and (agentic or cfg.train.reward_variant == "corrected"):
+            # Code runs in the sandbox: the corrected code reward and the agent's <code> tool.
+            from arft_core.sandbox import SandboxPool
 
-        with SandboxPool(cfg.sandbox) as pool:
-            return train(*args, sink=sink, code_runner=code_runner(pool), checkpoint_dir=cfg.path("train_checkpoints"))
-    return train(*args, sink=sink, checkpoint_dir=cfg.path("train_checkpoints"))
+            pool = stack.enter_context(SandboxPool(cfg.sandbox))
+        if agentic:
+            from arft_core.agent import Tools
+            from arft_core.search import make_backend
+
+            # Training searches use their own cache (an output of this stage), never the search_data stage's.
+            search_cfg = cfg.search.model_copy(update={"cache_path": cfg.paths.train_search_cache})
+            search = make_backend(search_cfg, cfg.root) if cfg.train.task == "search" else None
+            kwargs.update(tools=Tools(sandbox=pool, search=search, top_k=cfg.search.top_k), agent_cfg=cfg.agent)
+        elif pool is not None:
+            from arft_core.agent.env import code_runner
+
+            kwargs["code_runner"] = code_runner(pool)
+        return train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
+                     cfg.path("train_log"), **kwargs)
 
 
 def launch_distributed(cfg: Config, run_id: str | None) -> None:
@@ -298,7 +314,7 @@ SECTIONS: dict[str, list[str]] = {
     "search_index": ["search"],
     "search_data": ["search_data", "search"],
     "validate": ["validation"],
-    "train": ["train", "model"],
+    "train": ["train", "model", "agent"],
     "evaluate": ["eval", "agent", "search"],
     "register": ["tracking"],
 }
