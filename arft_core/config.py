@@ -252,6 +252,8 @@ class TrainConfig(Section):
         "agent loop and their results (new images included) fed back, tool tokens masked out of the loss.")
     task: Literal["coding", "search"] = Field("coding", description="Which task to train on (the paper trains them "
                                               "separately).")
+    sample_every: int = Field(10, description="agentic: log the rollout's trajectories (turns, tool results, "
+                              "images) as an HTML artifact at step 1 and every N steps; 0: never.", ge=0)
     turn_max_new_tokens: int = Field(32, description="agentic: max new tokens per model turn; the whole trajectory "
                                      "(model + tool tokens) is capped by max_completion_length.", ge=1)
     seed: int = Field(42, description="Training seed.")

@@ -161,13 +161,21 @@ def train_here(cfg: Config, sink: Callable[[dict, int], None]) -> dict:
             # Training searches use their own cache (an output of this stage), never the search_data stage's.
             search_cfg = cfg.search.model_copy(update={"cache_path": cfg.paths.train_search_cache})
             search = make_backend(search_cfg, cfg.root) if cfg.train.task == "search" else None
-            kwargs.update(tools=Tools(sandbox=pool, search=search, top_k=cfg.search.top_k), agent_cfg=cfg.agent)
+            kwargs.update(tools=Tools(sandbox=pool, search=search, top_k=cfg.search.top_k), agent_cfg=cfg.agent,
+                          artifact_sink=_log_text_artifact)
         elif pool is not None:
             from arft_core.agent.env import code_runner
 
             kwargs["code_runner"] = code_runner(pool)
         return train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
                      cfg.path("train_log"), **kwargs)
+
+
+def _log_text_artifact(name: str, text: str) -> None:
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.log_text(text, name)
 
 
 def launch_distributed(cfg: Config, run_id: str | None) -> None:

@@ -185,7 +185,7 @@ def _restore_weights(model, checkpoint: Path, dtype: str) -> None:
     model.load_state_dict(saved.state_dict())
 
 
-def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_first_turn):
+def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_first_turn, artifact_sink):
     from arft_core.agent.env import AgentEnv, EnvItem
     from arft_core.agent.grpo import AgenticGRPOTrainer
     from arft_core.config import AgentConfig
@@ -200,7 +200,8 @@ def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_fi
         return AgentEnv(item, tools, agent_cfg, workdir)
 
     return AgenticGRPOTrainer(**common, env_factory=env_factory, max_turns=agent_cfg.max_turns,
-                              turn_max_new_tokens=cfg.turn_max_new_tokens, forced_first_turn=forced_first_turn)
+                              turn_max_new_tokens=cfg.turn_max_new_tokens, forced_first_turn=forced_first_turn,
+                              sample_every=cfg.sample_every, sample_sink=artifact_sink)
 
 
 def _lora_config(cfg: TrainConfig):
@@ -214,7 +215,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
           log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None,
           code_runner: Callable | None = None, checkpoint_dir: Path | None = None,
           callbacks: list | None = None, tools=None, agent_cfg=None,
-          forced_first_turn: Callable[[int], str | None] | None = None) -> dict:
+          forced_first_turn: Callable[[int], str | None] | None = None,
+          artifact_sink: Callable[[str, str], None] | None = None) -> dict:
     """SFT cold start (if enabled), then GRPO on the step samples in `data_dir`; save the model and processor to
     `out_dir` (LoRA adapters merged); return final metrics.
 
@@ -296,7 +298,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
                       processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or [])],
                       peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
         if agentic:
-            trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn)
+            trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn,
+                                       artifact_sink if state.is_main_process else None)
         else:
             trainer = GRPOTrainer(**common)
         if resume and not cfg.lora.enabled:

@@ -218,12 +218,12 @@ def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_
     monkeypatch.setattr(AgenticGRPOTrainer, "_compute_loss", spy_loss)
     cfg = TrainConfig(mode="agentic", max_steps=2, num_generations=2, max_completion_length=400,
                       turn_max_new_tokens=8, learning_rate=1e-2, reward_weights=[1.0], sft=NO_SFT)
-    logged = []
+    logged, artifacts = [], {}
     with SandboxPool(SandboxConfig(workers=1)) as pool:
         summary = train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
                         sink=lambda m, s: logged.append(m), tools=Tools(sandbox=pool),
                         agent_cfg=AgentConfig(max_turns=2), forced_first_turn=lambda i: ROTATE_90,
-                        reward_funcs=[length_reward])
+                        reward_funcs=[length_reward], artifact_sink=artifacts.__setitem__)
     assert summary["steps"] == 2 and summary["train_items"] == 4
     # The first turn was scripted, so every generated turn is the second one: it sees the item's image and the
     # image the sandbox produced, with one <|image_pad|> run each.
@@ -239,3 +239,7 @@ def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_
     assert any(m.get("tools/call_rate") == 1.0 for m in logged)  # the scripted code call, once per rollout
     assert any("tools/error_rate" in m for m in logged)
     assert changed_weights(tiny / "base", tmp_path / "out"), "two agentic GRPO steps at lr 1e-2 must move weights"
+    # Step 1's trajectories as an artifact: the scripted code turn and the sandbox's image, inline.
+    page = artifacts["rollouts/step_000001.html"]
+    assert list(artifacts) == ["rollouts/step_000001.html"] and "cv2.ROTATE_90_COUNTERCLOCKWISE" in page
+    assert page.count("data:image/jpeg;base64") >= 2 * 2  # per trajectory: the item image and the tool's image

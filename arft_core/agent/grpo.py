@@ -38,10 +38,14 @@ class AgenticGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, env_factory: Callable[[dict, Path], AgentEnv], max_turns: int,
-                 turn_max_new_tokens: int, forced_first_turn: Callable[[int], str | None] | None = None, **kwargs):
+                 turn_max_new_tokens: int, forced_first_turn: Callable[[int], str | None] | None = None,
+                 sample_every: int = 0, sample_sink: Callable[[str, str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.env_factory, self.max_turns, self.turn_max_new_tokens = env_factory, max_turns, turn_max_new_tokens
         self.forced_first_turn = forced_first_turn
+        # Every `sample_every` steps, `sample_sink(file name, html)` gets the rollout's trajectories (MLflow).
+        self.sample_every, self.sample_sink = sample_every, sample_sink
+        self._scratch: tempfile.TemporaryDirectory | None = None
         # Truthy `tools` + non-empty tool images select TRL's forward branch that processes every image of each
         # sample; never passed at __init__ (that would ask the chat template for JSON tool calling).
         self.tools = [_rollout_marker]
@@ -63,7 +67,10 @@ class AgenticGRPOTrainer(GRPOTrainer):
             enc = self.processing_class.apply_chat_template([prompt], add_generation_prompt=True, tokenize=True,
                                                             return_dict=True, **self.chat_template_kwargs)
             prompt_ids.append(list(enc["input_ids"][0]))
-        scratch = Path(tempfile.mkdtemp(prefix="arft-rollout-"))
+        if self._scratch is not None:  # the previous rollout's images are no longer needed
+            self._scratch.cleanup()
+        self._scratch = tempfile.TemporaryDirectory(prefix="arft-rollout-")
+        scratch = Path(self._scratch.name)
         envs = [self.env_factory(row, scratch / f"rollout-{i}") for i, row in enumerate(self._rows)]
         for env in envs:
             env.reset()
@@ -119,6 +126,9 @@ class AgenticGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["agent/mean_turns"].append(sum(r["n_turns"] for r in records) / n)
         self._metrics[mode]["completions/mean_length"].append(sum(map(sum, mask)) / n)
         self.last_rollout = {"turn_images": turn_images, "end": [r["end"] for r in records]}
+        step = self.state.global_step + 1
+        if self.sample_sink and self.sample_every and mode == "train" and (step - 1) % self.sample_every == 0:
+            self.sample_sink(f"rollouts/step_{step:06d}.html", render_trajectories(step, self._rows, records))
         # What reward functions see as the completion: the model's own tokens, observations left out.
         model_text = [self._tokenizer.decode([t for t, m in zip(c, k, strict=True) if m], skip_special_tokens=True)
                       for c, k in zip(comp, mask, strict=True)]
@@ -163,6 +173,28 @@ class AgenticGRPOTrainer(GRPOTrainer):
             cut = next((j + 1 for j, t in enumerate(row) if t in self.eos_token_ids), len(row))
             result.append((row[:cut], logp[b, :cut].tolist()))
         return result
+
+
+def render_trajectories(step: int, rows: list[dict], records: list[dict], limit: int = 8) -> str:
+    """A self-contained HTML page of a rollout's first trajectories: each turn, its tool result and images."""
+    import html
+
+    from arft_core.evaluation import _img
+
+    parts = [f"<h1>GRPO step {step}: sample rollouts</h1>"]
+    for row, rec in list(zip(rows, records, strict=True))[:limit]:
+        turns = []
+        for k, t in enumerate(rec["turns"], start=1):
+            obs = t.get("observation") or {}
+            turns.append(f"<h4>turn {k} · {html.escape(str(t.get('action')))} · reward {t.get('reward')}</h4>"
+                         f"<pre>{html.escape(t.get('output') or '')}</pre>"
+                         + (f"<pre>{html.escape(t['error'])}</pre>" if t.get("error") else "")
+                         + (f"<pre>{html.escape(obs.get('text') or '')}</pre>" if obs.get("text") else "")
+                         + _img(obs.get("image"), 256))
+        parts.append(f"<details open><summary>item {html.escape(str(row.get('item_id')))} · "
+                     f"{html.escape(str(row.get('question')))} · gold {html.escape(str(row.get('answers')))} · "
+                     f"end {rec['end']}</summary>{_img(Path(row['image_path']), 256)}{''.join(turns)}</details>")
+    return "<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>" + "".join(parts)
 
 
 def _open(path: Path):
