@@ -236,6 +236,8 @@ def train_stage(cfg: Config) -> dict:
         summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
         write_json_atomic(cfg.path("train_metrics"), summary)
     mlflow.log_artifact(str(cfg.path("train_log")))
+    if cfg.train.save_steps:  # where the resumable checkpoints are (too large to copy into the tracking store)
+        mlflow.set_tag("train.checkpoints", str(cfg.path("train_checkpoints")))
     return summary
 
 
