@@ -224,9 +224,11 @@ class SftConfig(Section):
 
     enabled: bool = Field(True, description="Run SFT before GRPO (on for the embedded model, which otherwise never "
                           "writes a valid tag).")
-    max_steps: int = Field(20, description="SFT optimizer steps.", ge=1)
+    max_steps: int = Field(4, description="SFT optimizer steps (the embedded default keeps `make run` short: with "
+                           "the full 151k vocabulary an SFT step of 8 samples takes ~50 s on 2 CPU cores; "
+                           "bench/learning_check.py shows a longer cold start).", ge=1)
     learning_rate: float = Field(1e-3, description="SFT learning rate.", gt=0)
-    batch_size: int = Field(8, description="SFT samples per device per step.", ge=1)
+    batch_size: int = Field(2, description="SFT samples per device per step.", ge=1)
 
 
 class LoraConfig(Section):

@@ -17,15 +17,15 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         self.model, self.processor = load_model(Path(context.artifacts["model"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from PIL import Image
-
+        """One answer step per row (the coding prompt), generated in batches by the evaluation's back-end."""
+        from arft_core.agent.generation import HFGenerator
+        from arft_core.agent.rollout import Prompt
         from arft_core.config import EvalConfig
-        from arft_core.evaluation import generate_answers
-        from arft_core.protocol import extract_answer
+        from arft_core.protocol import coding_prompt, extract_answer
 
-        images = [Image.open(p).convert("RGB") for p in model_input["image_path"]]
-        completions = generate_answers(self.model, self.processor, list(model_input["question"]), images,
-                                       EvalConfig())
+        prompts = [Prompt(coding_prompt(q), [Path(p)], i, 1)
+                   for i, (q, p) in enumerate(zip(model_input["question"], model_input["image_path"], strict=True))]
+        completions = HFGenerator(self.model, self.processor, EvalConfig()).generate(prompts)
         return [extract_answer(c) for c in completions]
 
 

@@ -100,6 +100,17 @@ def test_registered_version_has_candidate_alias(pipeline_project):
     assert str(version.version) == registration["version"] == "1"
     assert "eval.mat-coding.agent.avg.f1" in version.tags and version.tags["git.commit"]
     assert version.tags["dvc.input.models/trained"].endswith(".dir")
+    # The registered pyfunc loads by alias and answers (None: the tiny model writes no <answer> tag).
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/tracking/mlflow.db")
+    item = json.loads((project / "data" / "mat_coding" / "test.json").read_text())[0]
+    model = mlflow.pyfunc.load_model("models:/arft-agent@candidate")
+    answers = model.predict(pd.DataFrame({"question": [item["question"]],
+                                          "image_path": [str(project / "data" / "mat_coding" /
+                                                             item["processed_image_path"])]}))
+    assert len(answers) == 1 and (answers[0] is None or isinstance(answers[0], str))
 
 
 def test_prefect_recorded_the_flow_runs(pipeline_project):
