@@ -121,6 +121,49 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
 
 
+@app.command()
+def promote(params: Optional[Path] = ParamsOption) -> None:
+    """Move the champion alias to the candidate when it scores better by the configured margin."""
+    from arft_core.config import ConfigError, load_config
+    from arft_core.registry import promote as promote_version
+    from arft_core.tracking import configure
+
+    try:
+        cfg = load_config(params)
+    except ConfigError as exc:
+        _fail(str(exc))
+    configure(cfg)
+    t = cfg.tracking
+    try:
+        decision = promote_version(t.registered_model, t.promotion_metrics, t.promotion_margin, t.alias,
+                                   t.champion_alias)
+    except Exception as exc:  # no candidate, missing scores: say which
+        _fail(str(exc))
+    verb = "promoted" if decision["promoted"] else "kept"
+    console.print(f"{verb}: @{t.champion_alias} -> version {decision['champion_now']} ({decision['reason']})",
+                  highlight=False)
+    typer.echo(json.dumps(decision))
+
+
+@app.command()
+def models(params: Optional[Path] = ParamsOption) -> None:
+    """List the registered versions with their aliases and promotion scores."""
+    from arft_core.config import ConfigError, load_config
+    from arft_core.registry import list_versions
+    from arft_core.tracking import configure
+
+    try:
+        cfg = load_config(params)
+    except ConfigError as exc:
+        _fail(str(exc))
+    configure(cfg)
+    table = Table("version", "aliases", "score", "git commit", "run")
+    for row in list_versions(cfg.tracking.registered_model, cfg.tracking.promotion_metrics):
+        score = "-" if row["score"] is None else f"{row['score']:.4f}"
+        table.add_row(row["version"], ", ".join(row["aliases"]), score, row["git_commit"][:10], row["run_id"] or "")
+    console.print(table)
+
+
 @app.command("train-worker", hidden=True)
 def train_worker_cmd(params: Optional[Path] = ParamsOption) -> None:
     """One rank of `train.launcher: accelerate` (started by `accelerate launch`, not by hand)."""

@@ -377,6 +377,12 @@ class TrackingConfig(Section):
     experiment: str = Field("arft", description="Experiment name.")
     registered_model: str = Field("arft-agent", description="Registered model name.")
     alias: str = Field("candidate", description="Alias set on each newly registered version.")
+    champion_alias: str = Field("champion", description="Alias of the promoted version (`arft promote`).")
+    promotion_metrics: list[str] = Field(
+        ["eval.mat-coding.agent.avg.f1", "eval.mat-search.agent.avg.f1"],
+        description="Version tags averaged into the promotion score (MAT-Coding + MAT-Search average F1).")
+    promotion_margin: float = Field(0.0, description="The candidate must beat the champion's score by more than "
+                                    "this to take the champion alias.", ge=0)
 
 
 class PipelineConfig(Section):

@@ -47,3 +47,60 @@ def register_model(model_dir: Path, name: str, alias: str, tags: dict[str, str])
     client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "alias": alias, "model_uri": f"models:/{name}@{alias}",
             "run_id": mlflow.active_run().info.run_id}
+
+
+# ---- promotion gate
+def version_score(tags: dict[str, str], metrics: list[str]) -> float | None:
+    """Mean of the version's metric tags (e.g. `eval.mat-coding.agent.avg.f1`); None when one is missing."""
+    if not metrics or any(m not in tags for m in metrics):
+        return None
+    return sum(float(tags[m]) for m in metrics) / len(metrics)
+
+
+def promote(name: str, metrics: list[str], margin: float, candidate: str = "candidate",
+            champion: str = "champion", client=None) -> dict:
+    """Move `champion` to the `candidate` version when it beats the champion's score by more than `margin` (or
+    when there is no champion yet). The decision and both scores are tagged on the candidate version."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    cand = client.get_model_version_by_alias(name, candidate)
+    cand_score = version_score(cand.tags, metrics)
+    if cand_score is None:
+        raise ValueError(f"{name} version {cand.version}: no score, it lacks tag(s) "
+                         f"{', '.join(m for m in metrics if m not in cand.tags)}")
+    try:
+        champ = client.get_model_version_by_alias(name, champion)
+    except MlflowException:
+        champ = None
+    champ_score = version_score(champ.tags, metrics) if champ else None
+    if champ is None or champ_score is None:
+        promoted, reason = True, "no scored champion yet"
+    elif champ.version == cand.version:
+        promoted, reason = False, "the candidate already is the champion"
+    elif cand_score > champ_score + margin:
+        promoted, reason = True, f"candidate {cand_score:.4f} > champion {champ_score:.4f} + margin {margin}"
+    else:
+        promoted, reason = False, f"candidate {cand_score:.4f} <= champion {champ_score:.4f} + margin {margin}"
+    if promoted:
+        client.set_registered_model_alias(name, champion, cand.version)
+    decision = {"name": name, "candidate_version": cand.version, "candidate_score": cand_score,
+                "champion_version": champ.version if champ else None, "champion_score": champ_score,
+                "promoted": promoted, "reason": reason,
+                "champion_now": cand.version if promoted else (champ.version if champ else None)}
+    for key in ("promoted", "reason", "candidate_score", "champion_score", "champion_version"):
+        client.set_model_version_tag(name, cand.version, f"promotion.{key}", str(decision[key]))
+    return decision
+
+
+def list_versions(name: str, metrics: list[str], client=None) -> list[dict]:
+    """Every version of `name`, newest first, with its aliases and score."""
+    client = client or mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    aliases: dict[str, list[str]] = {}  # search results carry no aliases; the registered model has them all
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = [{"version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+             "score": version_score(v.tags, metrics), "run_id": v.run_id,
+             "git_commit": v.tags.get("git.commit", "")} for v in versions]
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
