@@ -104,12 +104,15 @@ def test_registered_version_has_candidate_alias(pipeline_project):
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(f"sqlite:///{project}/tracking/mlflow.db")
-    item = json.loads((project / "data" / "mat_coding" / "test.json").read_text())[0]
-    model = mlflow.pyfunc.load_model("models:/arft-agent@candidate")
-    answers = model.predict(pd.DataFrame({"question": [item["question"]],
-                                          "image_path": [str(project / "data" / "mat_coding" /
-                                                             item["processed_image_path"])]}))
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{project}/tracking/mlflow.db")  # also exported to subprocesses: undo it
+    try:
+        item = json.loads((project / "data" / "mat_coding" / "test.json").read_text())[0]
+        model = mlflow.pyfunc.load_model("models:/arft-agent@candidate")
+        image = str(project / "data" / "mat_coding" / item["processed_image_path"])
+        answers = model.predict(pd.DataFrame({"question": [item["question"]], "image_path": [image]}))
+    finally:
+        mlflow.set_tracking_uri(before)
     assert len(answers) == 1 and (answers[0] is None or isinstance(answers[0], str))
 
 

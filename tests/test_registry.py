@@ -4,6 +4,7 @@ candidate, a better one takes champion; every decision is tagged with both score
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,13 @@ METRICS = ["eval.mat-coding.agent.avg.f1", "eval.mat-search.agent.avg.f1"]
 
 @pytest.fixture
 def registry(tmp_path: Path):
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI to every later subprocess: restore it afterwards.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()
     client.create_registered_model("agent")
     yield client, tmp_path
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(before)
 
 
 def new_candidate(client, coding: float, search: float) -> str:
