@@ -27,6 +27,16 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _config(params: Optional[Path]):
+    """The typed config, or a clean exit naming what is wrong with params.yaml."""
+    from arft_core.config import ConfigError, load_config
+
+    try:
+        return load_config(params)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 def _run_stage(stage: str, params: Optional[Path]) -> None:
     from arft_core.config import ConfigError
     from arft_core.validation import ValidationFailed
@@ -59,13 +69,7 @@ def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Pri
     if show_config:
         import yaml
 
-        from arft_core.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(params)
-        except ConfigError as exc:
-            _fail(str(exc))
-        typer.echo(yaml.safe_dump({"train": cfg.train.model_dump(mode="json")}, sort_keys=False))
+        typer.echo(yaml.safe_dump({"train": _config(params).train.model_dump(mode="json")}, sort_keys=False))
         return
     _run_stage("train", params)
 _stage_command("evaluate", "Evaluate the trained policy: MAT-Coding, MAT-Search, multi-hop QA; agent and direct.")
@@ -124,20 +128,18 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
 @app.command()
 def promote(params: Optional[Path] = ParamsOption) -> None:
     """Move the champion alias to the candidate when it scores better by the configured margin."""
-    from arft_core.config import ConfigError, load_config
+    from mlflow.exceptions import MlflowException
+
     from arft_core.registry import promote as promote_version
     from arft_core.tracking import configure
 
-    try:
-        cfg = load_config(params)
-    except ConfigError as exc:
-        _fail(str(exc))
+    cfg = _config(params)
     configure(cfg)
     t = cfg.tracking
     try:
         decision = promote_version(t.registered_model, t.promotion_metrics, t.promotion_margin, t.alias,
                                    t.champion_alias)
-    except Exception as exc:  # no candidate, missing scores: say which
+    except (MlflowException, ValueError) as exc:  # no candidate, missing scores: say which
         _fail(str(exc))
     verb = "promoted" if decision["promoted"] else "kept"
     console.print(f"{verb}: @{t.champion_alias} -> version {decision['champion_now']} ({decision['reason']})",
@@ -148,14 +150,10 @@ def promote(params: Optional[Path] = ParamsOption) -> None:
 @app.command()
 def models(params: Optional[Path] = ParamsOption) -> None:
     """List the registered versions with their aliases and promotion scores."""
-    from arft_core.config import ConfigError, load_config
     from arft_core.registry import list_versions
     from arft_core.tracking import configure
 
-    try:
-        cfg = load_config(params)
-    except ConfigError as exc:
-        _fail(str(exc))
+    cfg = _config(params)
     configure(cfg)
     table = Table("version", "aliases", "score", "git commit", "run")
     for row in list_versions(cfg.tracking.registered_model, cfg.tracking.promotion_metrics):
@@ -167,10 +165,9 @@ def models(params: Optional[Path] = ParamsOption) -> None:
 @app.command("train-worker", hidden=True)
 def train_worker_cmd(params: Optional[Path] = ParamsOption) -> None:
     """One rank of `train.launcher: accelerate` (started by `accelerate launch`, not by hand)."""
-    from arft_core.config import load_config
     from arft_core.stages import train_worker
 
-    train_worker(load_config(params))
+    train_worker(_config(params))
 
 
 @app.command("eval")

@@ -92,12 +92,13 @@ def score_run(items: list[BenchItem], records: list[dict], benchmark: str) -> tu
 
 
 def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None,
-             generator=None) -> tuple[dict, dict[str, list[dict]], str]:
+             generator=None, plan: dict[str, list[BenchItem]] | None = None) -> tuple[dict, dict[str, list[dict]], str]:
     """Run every configured benchmark and mode. Returns (metrics[benchmark][mode], predictions["bench.mode"],
-    the HTML report). `generator` defaults to `make_generator` on `model_dir` (vLLM when available)."""
+    the HTML report). `generator` defaults to `make_generator` on `model_dir` (vLLM when available); `plan` is the
+    loaded benchmarks (default: `load_benchmark` for each of `cfg.eval.benchmarks`)."""
     from arft_core.agent.generation import make_generator
 
-    plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
+    plan = plan or {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
     generator = generator or make_generator(model_dir, cfg.eval, cfg.model.dtype)
     needs_code = "agent" in cfg.eval.modes and "mat-coding" in plan
     needs_search = "agent" in cfg.eval.modes and any(b != "mat-coding" for b in plan)
@@ -154,7 +155,7 @@ def _portable(prediction: dict) -> dict:
 
 
 # ---- HTML report
-def _img(path: Path | None, px: int) -> str:
+def inline_image(path: Path | None, px: int) -> str:
     if path is None:
         return ""
     from PIL import Image
@@ -190,11 +191,11 @@ def render_section(bench: str, mode: str, scores: dict, items: list[BenchItem], 
             err = f'<div class="err">{esc(t["error"])}</div>' if t.get("error") else ""
             tool = f"<pre>{esc(obs.get('text') or '')}</pre>" if obs.get("text") else ""
             turns.append(f'<div class="turn"><b>turn {k}</b> <pre>{esc(t.get("output") or "")}</pre>{err}{tool}'
-                         f'{_img(obs.get("image"), px)}</div>')
+                         f'{inline_image(obs.get("image"), px)}</div>')
         parts.append(
             f'<details class="{ok}"><summary>#{esc(str(p["id"]))} F1 {p["f1"]:.2f} · '
             f'{esc(str(p["pred_answer"]))} · gold {esc(str(p["gt"]))} · {esc(str(p["end"]))}</summary>'
-            f'<p>{esc(b.env.question)}</p>{_img(b.env.image, px)}{"".join(turns)}</details>')
+            f'<p>{esc(b.env.question)}</p>{inline_image(b.env.image, px)}{"".join(turns)}</details>')
     return "\n".join(parts)
 
 

@@ -249,9 +249,10 @@ def evaluate_stage(cfg: Config) -> dict:
     # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
     # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache})})
-    total = sum(len(load_benchmark(b, cfg)) for b in cfg.eval.benchmarks) * len(cfg.eval.modes)
+    plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
+    total = sum(map(len, plan.values())) * len(cfg.eval.modes)
     with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
-        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance)
+        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, plan=plan)
     out = cfg.path("predictions")
     for name, rows in predictions.items():
         write_json_atomic(out / f"{name}.json", rows)

@@ -85,8 +85,9 @@ class AgenticGRPOTrainer(GRPOTrainer):
             for i in live:
                 forced = self.forced_first_turn(i) if self.forced_first_turn and turn == 0 else None
                 if forced is not None:
-                    ids = self._tokenizer(forced, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id]
-                    outs[i] = ids[:budget - len(comp[i])], [0.0] * len(ids[:budget - len(comp[i])])
+                    ids = self._tokenizer(forced, add_special_tokens=False)["input_ids"]
+                    ids = (ids + [self._tokenizer.eos_token_id])[:budget - len(comp[i])]
+                    outs[i] = ids, [0.0] * len(ids)
             todo = [i for i in live if i not in outs and budget - len(comp[i]) > 0]
             if todo:
                 room = {i: budget - len(comp[i]) for i in todo}
@@ -179,7 +180,7 @@ def render_trajectories(step: int, rows: list[dict], records: list[dict], limit:
     """A self-contained HTML page of a rollout's first trajectories: each turn, its tool result and images."""
     import html
 
-    from arft_core.evaluation import _img
+    from arft_core.evaluation import inline_image
 
     parts = [f"<h1>GRPO step {step}: sample rollouts</h1>"]
     for row, rec in list(zip(rows, records, strict=True))[:limit]:
@@ -190,10 +191,11 @@ def render_trajectories(step: int, rows: list[dict], records: list[dict], limit:
                          f"<pre>{html.escape(t.get('output') or '')}</pre>"
                          + (f"<pre>{html.escape(t['error'])}</pre>" if t.get("error") else "")
                          + (f"<pre>{html.escape(obs.get('text') or '')}</pre>" if obs.get("text") else "")
-                         + _img(obs.get("image"), 256))
+                         + inline_image(obs.get("image"), 256))
         parts.append(f"<details open><summary>item {html.escape(str(row.get('item_id')))} · "
                      f"{html.escape(str(row.get('question')))} · gold {html.escape(str(row.get('answers')))} · "
-                     f"end {rec['end']}</summary>{_img(Path(row['image_path']), 256)}{''.join(turns)}</details>")
+                     f"end {rec['end']}</summary>{inline_image(Path(row['image_path']), 256)}"
+                     f"{''.join(turns)}</details>")
     return "<!doctype html><meta charset='utf-8'><body style='font-family:sans-serif'>" + "".join(parts)
 
 
