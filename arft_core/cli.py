@@ -73,7 +73,8 @@ def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Pri
         return
     _run_stage("train", params)
 _stage_command("evaluate", "Evaluate the trained policy: MAT-Coding, MAT-Search, multi-hop QA; agent and direct.")
-_stage_command("register", "Register the trained model in MLflow with the configured alias.")
+_stage_command("register", "Register the trained model in MLflow with its scores, data hashes, config and commit as "
+               "tags, and the candidate alias.")
 
 
 @app.command()
@@ -98,6 +99,49 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     console.print(f"Browse the runs:     mlflow ui --backend-store-uri {uri}", highlight=False)
     for name in ("validation_report", "eval_metrics", "eval_report", "predictions", "registration"):
         console.print(f"{name + ':':<20} {cfg.path(name)}", highlight=False)
+
+
+@app.command()
+def retrain(params: Optional[Path] = ParamsOption) -> None:
+    """One retraining run, as the schedule fires it: skip when no input changed, else run the chain (promotion
+    included) and record the new dvc.lock."""
+    from arft_core.config import ConfigError
+    from flows.pipeline import StageFailed, prefect_api
+    from flows.retrain import retrain_flow
+
+    cfg = _config(params)
+    try:
+        with prefect_api():
+            result = retrain_flow(params=str(cfg._source))
+    except (ConfigError, StageFailed) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def deploy(serve: bool = typer.Option(False, "--serve", help="Serve the deployments from this process (one "
+                                      "machine, no workers) until interrupted, instead of registering them for "
+                                      "the work pools' workers."),
+           params: Optional[Path] = ParamsOption) -> None:
+    """Create the Prefect deployments: scheduled retraining (retrain.cron) and evaluation on the CPU pool, training
+    on the GPU pool. Needs a Prefect server (PREFECT_API_URL)."""
+    import os
+
+    from flows.deployments import apply_deployments, serve_deployments
+
+    cfg = _config(params)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("PREFECT_API_URL is not set: start a server (`prefect server start`, or the team stack in "
+              "infra/compose.yaml) and export its API URL")
+    if serve:
+        console.print(f"serving arft-retrain/scheduled (cron {cfg.retrain.cron!r} {cfg.retrain.timezone}), "
+                      "arft-train/gpu, arft-evaluate/cpu; Ctrl-C stops", highlight=False)
+        serve_deployments(cfg)
+        return
+    for line in apply_deployments(cfg):
+        console.print(f"deployed {line}", highlight=False)
+    console.print(f"start workers: prefect worker start --pool {cfg.retrain.cpu_pool} (and --pool "
+                  f"{cfg.retrain.gpu_pool} on GPU machines)", highlight=False)
 
 
 @app.command("search")
@@ -127,24 +171,15 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
 
 @app.command()
 def promote(params: Optional[Path] = ParamsOption) -> None:
-    """Move the champion alias to the candidate when it scores better by the configured margin."""
+    """Move the champion alias to the candidate when it scores better by the configured margin (the `promote`
+    stage: the decision and both scores go to reports/promotion.json, the version's tags and an MLflow run)."""
     from mlflow.exceptions import MlflowException
 
-    from arft_core.registry import promote as promote_version
-    from arft_core.tracking import configure
-
-    cfg = _config(params)
-    configure(cfg)
-    t = cfg.tracking
     try:
-        decision = promote_version(t.registered_model, t.promotion_metrics, t.promotion_margin, t.alias,
-                                   t.champion_alias)
-    except (MlflowException, ValueError) as exc:  # no candidate, missing scores: say which
+        _run_stage("promote", params)
+    except MlflowException as exc:  # no candidate yet: say so
         _fail(str(exc))
-    verb = "promoted" if decision["promoted"] else "kept"
-    console.print(f"{verb}: @{t.champion_alias} -> version {decision['champion_now']} ({decision['reason']})",
-                  highlight=False)
-    typer.echo(json.dumps(decision))
+    typer.echo(_config(params).path("promotion").read_text())
 
 
 @app.command()
@@ -171,23 +206,33 @@ def train_worker_cmd(params: Optional[Path] = ParamsOption) -> None:
 
 
 @app.command("eval")
-def eval_cmd(model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the trained "
-                                                   "model, paths.trained_model)."),
+def eval_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="Model folder or registered version "
+                                                  "(models:/arft-agent@champion); default: the trained model, "
+                                                  "paths.trained_model."),
              benchmark: list[str] = typer.Option([], "--benchmark", "-b", help="mat-coding, mat-search, multihop "
                                                  "(repeatable; default: eval.benchmarks)."),
              mode: list[str] = typer.Option([], "--mode", help="agent or direct (repeatable; default: eval.modes)."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval.json, eval_report.html "
                                                 "and predictions/ (default: the pipeline's paths)."),
+             checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all: also evaluate every saved "
+                                                       "training checkpoint (paths.train_checkpoints), one MLflow "
+                                                       "child run per step, and plot F1 vs step."),
              params: Optional[Path] = ParamsOption) -> None:
-    """Evaluate any model (the trained one, a base checkpoint, ...) with tools and/or the direct baseline."""
+    """Evaluate any model (the trained one, a base checkpoint, a registered version, every training checkpoint)
+    with tools and/or the direct baseline."""
+    from mlflow.exceptions import MlflowException
+
     from flows.stages import evaluate_flow
 
-    if model is not None and not model.is_dir():
-        _fail(f"--model {model}: not a folder")
+    if model is not None and not model.startswith("models:/") and not Path(model).is_dir():
+        _fail(f"--model {model}: not a folder (nor a models:/ URI)")
+    if checkpoints not in (None, "all", "none"):
+        _fail(f"--checkpoints {checkpoints}: expected all or none")
     try:
-        summary = evaluate_flow(params=str(params) if params else None, model=str(model) if model else None,
-                                benchmarks=benchmark or None, modes=mode or None, out=str(out) if out else None)
-    except (FileNotFoundError, ValueError) as exc:
+        summary = evaluate_flow(params=str(params) if params else None, model=model,
+                                benchmarks=benchmark or None, modes=mode or None, out=str(out) if out else None,
+                                checkpoints=checkpoints)
+    except (FileNotFoundError, ValueError, MlflowException) as exc:
         _fail(str(exc))
     console.print(f"[green]eval done[/]: {json.dumps(summary)}", highlight=False)
 

@@ -50,6 +50,11 @@ class PathsConfig(Section):
     eval_report: str = Field("reports/eval_report.html", description="Evaluation HTML report with per-item "
                              "trajectories.")
     registration: str = Field("reports/registration.json", description="Registered model name, version and alias.")
+    promotion: str = Field("reports/promotion.json", description="The promotion decision: both scores, the reason, "
+                           "the champion after it.")
+    checkpoint_eval: str = Field("reports/checkpoints", description="Checkpoint comparison (`arft eval --checkpoints "
+                                 "all`, eval.checkpoints): checkpoints.csv (F1/EM per step, a DVC plot) and "
+                                 "f1_vs_step.png.")
 
 
 class EmbeddedModelConfig(Section):
@@ -341,6 +346,9 @@ class EvalConfig(Section):
                                       "golden_answers); null uses the FanOutQA dev set bundled with `fanoutqa`.")
     multihop_limit: int | None = Field(16, description="First N multi-hop questions (null: all).", ge=1)
     report_images_px: int = Field(320, description="Longest side of images inlined in the HTML report.", ge=32)
+    checkpoints: Literal["none", "all"] = Field(
+        "none", description="all: the evaluate stage also evaluates every saved training checkpoint "
+        "(paths.train_checkpoints) on the same evaluation, one MLflow child run per step, and plots F1 vs step.")
 
 
 class SandboxConfig(Section):
@@ -385,6 +393,23 @@ class TrackingConfig(Section):
                                     "this to take the champion alias.", ge=0)
 
 
+class RetrainConfig(Section):
+    """Scheduled retraining (`arft deploy`): Prefect deployments, their schedule and work pools."""
+
+    cron: str = Field("0 3 * * 1", description="When the retraining deployment fires (cron; a 6th field is seconds).")
+    timezone: str = Field("UTC", description="Time zone of the cron schedule.")
+    cpu_pool: str = Field("cpu", description="Work pool of the retraining chain (data, validation, evaluation).")
+    gpu_pool: str = Field("gpu", description="Work pool of the training deployment.")
+    train_dispatch: Literal["local", "deployment"] = Field(
+        "local", description="local: the chain trains in its own process; deployment: it runs the training "
+        "deployment (on the GPU pool) and waits for it; both workers share the project folder.")
+    workdir: str | None = Field(None, description="Project folder on the workers (null: this project's folder); "
+                                "the container images use /opt/arft.")
+    record_lock: Literal["artifact", "commit"] = Field(
+        "artifact", description="How a retraining run records the new dvc.lock: artifact (logged to the pipeline's "
+        "MLflow run) or commit (also `git commit dvc.lock`).")
+
+
 class PipelineConfig(Section):
     """Orchestration of the stages by the Prefect pipeline flow."""
 
@@ -422,6 +447,7 @@ class Config(Section):
     search_data: SearchDataConfig = Field(default_factory=SearchDataConfig, description="MAT-Search import.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Scheduled retraining.")
 
     # Set by load_config: the folder params.yaml lives in, and the file itself. Not params keys.
     _root: Path = Path(".")

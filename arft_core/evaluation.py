@@ -51,6 +51,25 @@ def load_benchmark(name: str, cfg: Config) -> list[BenchItem]:
     raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(metrics.BENCHMARKS)}")
 
 
+def eval_fingerprint(cfg: Config, plan: dict[str, list[BenchItem]]) -> str:
+    """What makes two evaluations' scores comparable: the test items (questions, answers, image bytes) and every
+    setting that changes a prediction. Versions scored under different fingerprints are not compared as-is."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    settings = {"eval": cfg.eval.model_dump(mode="json", exclude={"report_images_px", "checkpoints"}),
+                "agent": cfg.agent.model_dump(mode="json"),
+                "search": cfg.search.model_dump(mode="json", include={"backend", "top_k", "corpus_path"})}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for name in sorted(plan):
+        for b in plan[name]:
+            digest.update(json.dumps([name, b.env.id, b.env.question, b.env.answers, b.split]).encode())
+            if b.env.image is not None:
+                digest.update(hashlib.sha256(Path(b.env.image).read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def run_direct(items: list[BenchItem], benchmark: str, generator) -> list[dict]:
     """The paper's direct baseline: question + a 'answer directly' suffix, no tools; the raw output is scored."""
     kind = "multihop" if benchmark == "multihop" else "mat"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import mlflow
 import pandas as pd
@@ -50,6 +51,9 @@ def register_model(model_dir: Path, name: str, alias: str, tags: dict[str, str])
 
 
 # ---- promotion gate
+FINGERPRINT = "eval.fingerprint"  # version tag: which frozen evaluation its scores come from
+
+
 def version_score(tags: dict[str, str], metrics: list[str]) -> float | None:
     """Mean of the version's metric tags (e.g. `eval.mat-coding.agent.avg.f1`); None when one is missing."""
     if not metrics or any(m not in tags for m in metrics):
@@ -58,9 +62,14 @@ def version_score(tags: dict[str, str], metrics: list[str]) -> float | None:
 
 
 def promote(name: str, metrics: list[str], margin: float, candidate: str = "candidate",
-            champion: str = "champion", client=None) -> dict:
+            champion: str = "champion", client=None, rescore: Callable[[Any], dict[str, str]] | None = None) -> dict:
     """Move `champion` to the `candidate` version when it beats the champion's score by more than `margin` (or
-    when there is no champion yet). The decision and both scores are tagged on the candidate version."""
+    when there is no champion yet). The decision and both scores are tagged on the candidate version.
+
+    Both must be scored on the same frozen evaluation: when the versions' `eval.fingerprint` tags differ (the test
+    sets or evaluation settings changed since the champion was scored), `rescore(champion_version)` evaluates the
+    champion again on the candidate's evaluation and returns its metric tags; without `rescore` that is an error.
+    """
     from mlflow.exceptions import MlflowException
 
     client = client or mlflow.MlflowClient()
@@ -73,7 +82,13 @@ def promote(name: str, metrics: list[str], margin: float, candidate: str = "cand
         champ = client.get_model_version_by_alias(name, champion)
     except MlflowException:
         champ = None
-    champ_score = version_score(champ.tags, metrics) if champ else None
+    champ_tags, rescored = (champ.tags if champ else {}), False
+    if champ and champ.version != cand.version and champ.tags.get(FINGERPRINT) != cand.tags.get(FINGERPRINT):
+        if rescore is None:
+            raise ValueError(f"{name}: champion version {champ.version} was scored on another evaluation "
+                             f"({champ.tags.get(FINGERPRINT)} vs {cand.tags.get(FINGERPRINT)}); re-score it first")
+        champ_tags, rescored = rescore(champ), True
+    champ_score = version_score(champ_tags, metrics) if champ else None
     if champ is None or champ_score is None:
         promoted, reason = True, "no scored champion yet"
     elif champ.version == cand.version:
@@ -86,9 +101,9 @@ def promote(name: str, metrics: list[str], margin: float, candidate: str = "cand
         client.set_registered_model_alias(name, champion, cand.version)
     decision = {"name": name, "candidate_version": cand.version, "candidate_score": cand_score,
                 "champion_version": champ.version if champ else None, "champion_score": champ_score,
-                "promoted": promoted, "reason": reason,
+                "champion_rescored": rescored, "promoted": promoted, "reason": reason,
                 "champion_now": cand.version if promoted else (champ.version if champ else None)}
-    for key in ("promoted", "reason", "candidate_score", "champion_score", "champion_version"):
+    for key in ("promoted", "reason", "candidate_score", "champion_score", "champion_version", "champion_rescored"):
         client.set_model_version_tag(name, cand.version, f"promotion.{key}", str(decision[key]))
     return decision
 

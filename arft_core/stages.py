@@ -69,11 +69,29 @@ def open_search(cfg: Config):
     return make_backend(cfg.search, cfg.root)
 
 
+IMPORT_RECORD = "import.json"
+
+
+def annotation_changes(cfg: Config) -> list[str]:
+    """'new annotations' when the MAT-Search export differs from the one the last import read (the export is a
+    user's file outside DVC's graph, so `dvc status` cannot see it); empty for the embedded sample."""
+    from arft_core.tracking import content_hash
+
+    if cfg.search_data.export is None:
+        return []
+    export = cfg.root / cfg.search_data.export
+    record = cfg.path("mat_search") / IMPORT_RECORD
+    last = json.loads(record.read_text()) if record.is_file() else {}
+    now = content_hash(export)
+    return [] if last.get("md5") == now else [f"new MAT-Search annotations in {export} (md5 {last.get('md5')} -> {now})"]
+
+
 def search_data_stage(cfg: Config) -> dict:
     import mlflow
 
     from arft_core.data.search_import import import_search
     from arft_core.data.search_steps import search_step_samples
+    from arft_core.tracking import content_hash
 
     d = cfg.search_data
     if d.export is None:
@@ -101,6 +119,8 @@ def search_data_stage(cfg: Config) -> dict:
             steps += search_step_samples(item, search, cfg.search.top_k)
             advance(1)
     write_json_atomic(out / "train_steps.json", steps)
+    # What this import read: a retraining run compares it with the export now there (new annotations).
+    write_json_atomic(out / IMPORT_RECORD, {"export": str(export), "md5": content_hash(export)})
     mlflow.log_artifact(str(out / "quarantine.json"))
     return {"items": len(result.items), "quarantined": len(result.quarantined), "step_samples": len(steps),
             "cache_hits": search.stats.hits, "backend_calls": search.stats.backend_calls}
@@ -244,7 +264,7 @@ def train_stage(cfg: Config) -> dict:
 def evaluate_stage(cfg: Config) -> dict:
     import mlflow
 
-    from arft_core.evaluation import evaluate, load_benchmark
+    from arft_core.evaluation import eval_fingerprint, evaluate, load_benchmark
 
     # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
     # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
@@ -258,10 +278,9 @@ def evaluate_stage(cfg: Config) -> dict:
         write_json_atomic(out / f"{name}.json", rows)
     write_json_atomic(cfg.path("eval_metrics"), scores)
     write_text_atomic(cfg.path("eval_report"), report)
-    flat = {f"{bench}.{mode}.{split}.{m}": v for bench, modes in scores.items() for mode, s in modes.items()
-            for split, d in s.items() if isinstance(d, dict) and "f1" in d
-            for m, v in d.items() if isinstance(v, (int, float))}
-    mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+    flat = _flat_scores(scores)
+    mlflow.log_metrics(flat)
+    mlflow.set_tag("eval.fingerprint", eval_fingerprint(cfg, plan))
     mlflow.log_artifact(str(cfg.path("eval_report")))
     mlflow.log_artifacts(str(out), artifact_path="predictions")
     for bench, modes in scores.items():
@@ -269,14 +288,25 @@ def evaluate_stage(cfg: Config) -> dict:
             print(f"{bench:<11} {mode:<7} F1 {s['avg']['f1']:6.2f}  EM {s['avg']['em']:6.2f}  "
                   f"no answer {s['avg']['no_answer_rate']:6.2f}%  (n={s['avg']['n']})")
     print(f"report: {cfg.path('eval_report')}")
+    rows = evaluate_checkpoints(cfg, plan) if cfg.eval.checkpoints == "all" else []
+    if not rows:  # the DVC plot file exists either way
+        write_text_atomic(cfg.path("checkpoint_eval") / "checkpoints.csv", _csv([]))
     return {k: v for k, v in flat.items() if k.endswith(".avg.f1") or k.endswith(".avg.em")}
 
 
 def eval_overrides(cfg: Config, model: str | None = None, benchmarks: list[str] | None = None,
-                   modes: list[str] | None = None, out: str | None = None) -> Config:
-    """The config for an ad-hoc evaluation: another model folder, a subset of benchmarks or modes, and outputs
-    under `out` (eval.json, eval_report.html, predictions/) instead of the pipeline's own files."""
+                   modes: list[str] | None = None, out: str | None = None, checkpoints: str | None = None) -> Config:
+    """The config for an ad-hoc evaluation: another model folder, a subset of benchmarks or modes, every training
+    checkpoint too, and outputs under `out` (eval.json, eval_report.html, predictions/, checkpoints/) instead of the
+    pipeline's own files."""
     data = cfg.model_dump()
+    if model and model.startswith("models:/"):  # a registered version, e.g. models:/arft-agent@champion
+        from arft_core.tracking import configure
+
+        configure(cfg)
+        model = str(registered_model_dir(model))
+    if checkpoints:
+        data["eval"]["checkpoints"] = checkpoints
     if model:
         data["paths"]["trained_model"] = str(Path(model).resolve())
     if benchmarks:
@@ -286,25 +316,178 @@ def eval_overrides(cfg: Config, model: str | None = None, benchmarks: list[str] 
     if out:
         folder = Path(out).resolve()
         data["paths"].update(eval_metrics=str(folder / "eval.json"), eval_report=str(folder / "eval_report.html"),
-                             predictions=str(folder / "predictions"))
+                             predictions=str(folder / "predictions"), checkpoint_eval=str(folder / "checkpoints"))
     new = Config.model_validate(data)
     new._root = cfg.root
     return new
 
 
+def score_tags(scores: dict) -> dict[str, str]:
+    """eval.json's Simple/Hard/Avg F1 and EM as version tags: `eval.<bench>.<mode>.<split>.<f1|em>`."""
+    return {f"eval.{bench}.{mode}.{split}.{m}": str(v) for bench, modes in scores.items()
+            for mode, s in modes.items() for split in ("avg", "simple", "hard") if split in s
+            for m, v in s[split].items() if m in ("f1", "em")}
+
+
 def register_stage(cfg: Config) -> dict:
-    from arft_core.registry import register_model
-    from arft_core.tracking import git_tags, input_hashes
+    import mlflow
+
+    from arft_core.evaluation import eval_fingerprint, load_benchmark
+    from arft_core.registry import FINGERPRINT, register_model
+    from arft_core.tracking import flatten, git_tags, input_hashes
 
     scores = json.loads(cfg.path("eval_metrics").read_text())
-    tags = {**git_tags(cfg.root), **{f"dvc.input.{k}": v for k, v in input_hashes(cfg.root, "register").items()}}
-    tags.update({f"eval.{bench}.{mode}.{split}.{m}": str(v) for bench, modes in scores.items()
-                 for mode, s in modes.items() for split in ("avg", "simple", "hard") if split in s
-                 for m, v in s[split].items() if m in ("f1", "em")})
+    plan = {b: load_benchmark(b, cfg) for b in scores}
+    # What a version is: its scores, the frozen evaluation they come from, the data (DVC hashes), code, config.
+    tags = {**git_tags(cfg.root), **{f"dvc.input.{k}": v for k, v in input_hashes(cfg.root, "register").items()},
+            **{f"dvc.data.{k}": v for k, v in _locked_data_hashes(cfg).items()},
+            **{f"config.{k}": v[:5000] for k, v in flatten(cfg.model_dump(mode="json", include={"train", "model"})).items()},
+            **score_tags(scores), FINGERPRINT: eval_fingerprint(cfg, plan)}
     result = register_model(cfg.path("trained_model"), cfg.tracking.registered_model, cfg.tracking.alias, tags)
+    if cfg._source:
+        mlflow.log_artifact(str(cfg._source))
     write_json_atomic(cfg.path("registration"), result)
     print(f"registered {result['name']} version {result['version']} as @{result['alias']}")
     return {"version": int(result["version"])}
+
+
+def _locked_data_hashes(cfg: Config) -> dict[str, str]:
+    """The DVC hashes of the training and test data the version was made from (dvc.lock, when there is one)."""
+    import yaml
+
+    lock = cfg.root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    wanted = {cfg.paths.mat_coding, cfg.paths.mat_search, cfg.paths.base_model}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {o["path"]: o.get("md5", "") for s in stages.values() for o in s.get("outs", []) if o["path"] in wanted}
+
+
+def registered_model_dir(uri: str) -> Path:
+    """Download a registered version (`models:/<name>@<alias>` or `models:/<name>/<version>`) and return the model
+    folder inside its pyfunc (what `evaluate` loads)."""
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    found = [p.parent for p in folder.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+    if not found:
+        raise FileNotFoundError(f"{uri}: no model weights in the registered artifacts")
+    return found[0]
+
+
+def _rescore_version(cfg: Config, version) -> dict[str, str]:
+    """Evaluate a registered version again on this evaluation (the promotion metrics' benchmarks and modes); the
+    evaluation's frozen search cache answers its searches (replay for web back-ends: no new paid calls)."""
+    import mlflow
+
+    from arft_core.evaluation import evaluate, load_benchmark
+
+    wanted = [m.split(".") for m in cfg.tracking.promotion_metrics]
+    benchmarks = sorted({w[1] for w in wanted})
+    modes = sorted({w[2] for w in wanted})
+    mode = "record" if cfg.search.backend == "local" else "replay"
+    search = cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache, "mode": mode})
+    sub = cfg.model_copy(update={"search": search, "eval": cfg.eval.model_copy(update={"benchmarks": benchmarks,
+                                                                                       "modes": modes})})
+    model_dir = registered_model_dir(f"models:/{version.name}/{version.version}")
+    plan = {b: load_benchmark(b, sub) for b in benchmarks}
+    print(f"re-scoring champion version {version.version} on this evaluation ({', '.join(benchmarks)})")
+    scores, _, _ = evaluate(model_dir, sub, plan=plan)
+    return score_tags(scores)
+
+
+def promote_stage(cfg: Config) -> dict:
+    """The promotion gate: the new candidate takes the champion alias only when it scores better by the margin."""
+    import mlflow
+
+    from arft_core.registry import promote
+
+    t = cfg.tracking
+    decision = promote(t.registered_model, t.promotion_metrics, t.promotion_margin, t.alias, t.champion_alias,
+                       rescore=lambda version: _rescore_version(cfg, version))
+    write_json_atomic(cfg.path("promotion"), decision)
+    mlflow.set_tags({f"promotion.{k}": str(decision[k]) for k in ("promoted", "reason", "candidate_version",
+                                                                  "champion_version", "champion_now")})
+    mlflow.log_dict(decision, "promotion.json")
+    verb = "promoted" if decision["promoted"] else "kept"
+    print(f"{verb}: @{t.champion_alias} -> version {decision['champion_now']} ({decision['reason']})")
+    return {k: float(decision[k]) for k in ("candidate_score", "champion_score", "promoted")
+            if decision[k] is not None}
+
+
+def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-<step>` under `folder`, by step."""
+    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found)
+
+
+def evaluate_checkpoints(cfg: Config, plan: dict) -> list[dict]:
+    """Every saved training checkpoint on the same evaluation: one nested MLflow run per checkpoint (metrics under
+    the evaluate stage's names, logged at the checkpoint's step), a CSV for DVC plots and an F1-vs-step PNG."""
+    import mlflow
+
+    from arft_core.evaluation import eval_fingerprint, evaluate
+    from arft_core.registry import FINGERPRINT
+
+    found = checkpoint_steps(cfg.path("train_checkpoints"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint-<step> folders in {cfg.path('train_checkpoints')}: train with "
+                                "train.save_steps > 0 to keep checkpoints")
+    fingerprint = eval_fingerprint(cfg, plan)
+    rows = []
+    for step, folder in found:
+        with progress_bar(f"checkpoint-{step}", sum(map(len, plan.values())) * len(cfg.eval.modes)) as advance:
+            scores, _, _ = evaluate(folder, cfg, advance, plan=plan)
+        flat = _flat_scores(scores)
+        with mlflow.start_run(run_name=f"checkpoint-{step}", nested=True,
+                              tags={"arft.stage": "checkpoint-eval", "arft.checkpoint.step": str(step),
+                                    FINGERPRINT: fingerprint}):
+            mlflow.log_param("checkpoint.step", step)
+            mlflow.log_param("checkpoint.path", str(folder))
+            mlflow.log_metrics(flat, step=step)
+        mlflow.log_metrics({f"checkpoint.{k}": v for k, v in flat.items()}, step=step)  # the stage run's chart
+        rows.append({"step": step, **{k.replace(".avg", ""): v for k, v in flat.items()
+                                      if k.endswith((".avg.f1", ".avg.em"))}})
+    out = cfg.path("checkpoint_eval")
+    write_text_atomic(out / "checkpoints.csv", _csv(rows))
+    plot = _plot_f1(rows, out / "f1_vs_step.png")
+    mlflow.log_artifacts(str(out), artifact_path="checkpoints")
+    for row in rows:
+        print("checkpoint-{step}: ".format(**row) + "  ".join(f"{k} {v:.2f}" for k, v in row.items()
+                                                             if k.endswith(".f1")))
+    print(f"F1 vs step: {plot}")
+    return rows
+
+
+def _flat_scores(scores: dict) -> dict[str, float]:
+    """eval.json as MLflow metrics: `<bench>.<mode>.<split>.<metric>`."""
+    return {f"{bench}.{mode}.{split}.{m}": float(v) for bench, modes in scores.items() for mode, s in modes.items()
+            for split, d in s.items() if isinstance(d, dict) and "f1" in d
+            for m, v in d.items() if isinstance(v, (int, float))}
+
+
+def _csv(rows: list[dict]) -> str:
+    columns = list(rows[0]) if rows else ["step"]
+    return "\n".join([",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]) + "\n"
+
+
+def _plot_f1(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in rows]
+    for column in [c for c in rows[0] if c.endswith(".f1")]:
+        ax.plot(steps, [r[column] for r in rows], marker="o", label=column.removesuffix(".f1"))
+    ax.set(xlabel="training step", ylabel="F1 (%)", title="MAT F1 per checkpoint")
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 STAGES: dict[str, Callable[[Config], dict]] = {
@@ -316,6 +499,7 @@ STAGES: dict[str, Callable[[Config], dict]] = {
     "train": train_stage,
     "evaluate": evaluate_stage,
     "register": register_stage,
+    "promote": promote_stage,
 }
 
 # The params sections each stage reads (logged as the stage run's params; dvc.yaml tracks the same sections).
@@ -328,6 +512,7 @@ SECTIONS: dict[str, list[str]] = {
     "train": ["train", "model", "agent"],
     "evaluate": ["eval", "agent", "search"],
     "register": ["tracking"],
+    "promote": ["tracking"],
 }
 
 

@@ -30,9 +30,9 @@ def _stage_env() -> dict[str, str]:
 
 
 @task(name="dvc-repro")
-def reproduce_stage(stage: str, root: str) -> str:
+def reproduce_stage(stage: str, root: str, force: bool = False) -> str:
     """`dvc repro --single-item <stage>`; returns 'ran' or 'cached' (unchanged inputs)."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     tail, skipped = [], False
@@ -53,8 +53,9 @@ def _check_retries(cfg: Config, stages: list[str]) -> None:
 
 
 @flow(name="arft-pipeline", log_prints=True)
-def pipeline_flow(params: str | None = None) -> dict:
-    """Whole chain: model, data, validate, train, evaluate, register (order and deps from dvc.yaml)."""
+def pipeline_flow(params: str | None = None, force: list[str] | None = None) -> dict:
+    """Whole chain: model, data, validate, train, evaluate, register, promote (order and deps from dvc.yaml).
+    Stages in `force` run even when DVC sees no change (e.g. search_data when the annotation export changed)."""
     import mlflow
 
     from arft_core.tracking import pipeline_run
@@ -68,9 +69,33 @@ def pipeline_flow(params: str | None = None) -> dict:
             step = reproduce_stage.with_options(
                 task_run_name=f"dvc-repro-{stage}", retries=cfg.pipeline.retries.get(stage, 0),
                 retry_delay_seconds=cfg.pipeline.retry_delay_seconds)
-            results[stage] = step(stage, str(cfg.root))
+            if stage == "train" and cfg.retrain.train_dispatch == "deployment":
+                results[stage] = train_on_gpu_pool(cfg)
+            else:
+                results[stage] = step(stage, str(cfg.root), stage in (force or []))
             mlflow.set_tag(f"stage.{stage}", results[stage])
         return {"mlflow_run_id": run.info.run_id, "stages": results}
+
+
+TRAIN_DEPLOYMENT = "arft-train/gpu"
+
+
+def train_on_gpu_pool(cfg: Config) -> str:
+    """The train stage on the GPU pool: when DVC says it must rerun, run the training deployment (its worker shares
+    the project folder), wait for it, then record its outputs in dvc.lock with `dvc commit`."""
+    from prefect.deployments import run_deployment
+
+    from arft_core.dag import changed_stages
+
+    if "train" not in changed_stages(cfg.root):
+        print("train: unchanged, skipping")
+        return "cached"
+    run = run_deployment(TRAIN_DEPLOYMENT, parameters={"params": str(cfg._source)}, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise StageFailed(f"stage 'train' failed on the GPU pool: flow run {run.name} ended {run.state}")
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "train"], cwd=cfg.root, env=_stage_env(),
+                   check=True)
+    return "ran"
 
 
 @contextmanager

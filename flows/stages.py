@@ -59,12 +59,13 @@ def train_flow(params: str | None = None) -> dict:
 
 @flow(name="arft-evaluate", log_prints=True)
 def evaluate_flow(params: str | None = None, model: str | None = None, benchmarks: list[str] | None = None,
-                  modes: list[str] | None = None, out: str | None = None) -> dict:
+                  modes: list[str] | None = None, out: str | None = None, checkpoints: str | None = None) -> dict:
     """Evaluate a model on MAT-Coding, MAT-Search and multi-hop QA, with tools and direct (F1/EM).
 
-    With no overrides this is the pipeline's stage (the trained model, outputs at the configured paths).
+    With no overrides this is the pipeline's stage (the trained model, outputs at the configured paths);
+    `checkpoints="all"` also evaluates every saved training checkpoint (one MLflow child run each).
     """
-    cfg = eval_overrides(load_config(params), model, benchmarks, modes, out)
+    cfg = eval_overrides(load_config(params), model, benchmarks, modes, out, checkpoints)
     return _run("evaluate", params, cfg)
 
 
@@ -72,6 +73,12 @@ def evaluate_flow(params: str | None = None, model: str | None = None, benchmark
 def register_flow(params: str | None = None) -> dict:
     """Register the trained model in MLflow and set its alias."""
     return _run("register", params)
+
+
+@flow(name="arft-promote", log_prints=True)
+def promote_flow(params: str | None = None) -> dict:
+    """Move the champion alias to the candidate when it scores better by the margin on the same evaluation."""
+    return _run("promote", params)
 
 
 @flow(name="arft-search-index", log_prints=True)
@@ -95,4 +102,5 @@ STAGE_FLOWS = {
     "train": train_flow,
     "evaluate": evaluate_flow,
     "register": register_flow,
+    "promote": promote_flow,
 }

@@ -22,7 +22,7 @@ from conftest import arft, copy_project, write_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["model", "data", "search_index", "search_data", "validate", "train", "evaluate", "register"]
+STAGES = ["model", "data", "search_index", "search_data", "validate", "train", "evaluate", "register", "promote"]
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -126,40 +126,6 @@ def test_prefect_recorded_the_flow_runs(pipeline_project):
     assert all(names[f"arft-{s.replace('_', '-')}"] == "COMPLETED" for s in STAGES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_mlflow_ui_serves_the_runs(pipeline_project):
-    project, _ = pipeline_project
-    port = _free_port()
-    uri = f"sqlite:///{project}/tracking/mlflow.db"
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        exp = json.load(urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=arft"))
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(req))["runs"]
-        names = sorted(r["info"]["run_name"] for r in runs)
-        assert names == sorted(["pipeline", *STAGES])
-        page = urllib.request.urlopen(f"{base}/").read().decode()
-        assert "<title>MLflow</title>" in page
-    finally:
-        ui.terminate()
-        ui.wait(timeout=30)
-
-
 def test_second_repro_does_nothing(pipeline_project):
     project, _ = pipeline_project
     out = dvc("repro", cwd=project)
@@ -182,14 +148,76 @@ def test_adhoc_eval_of_another_model_leaves_the_pipeline_outputs_alone(pipeline_
     assert bad.returncode == 1 and "mat-nothing" in bad.stderr
 
 
-def test_changing_a_train_param_reruns_training_and_what_follows_only(pipeline_project):
+def _flow_runs(client, flow_name: str) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                 sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+
+def _logs(client, run) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return "\n".join(log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+
+
+def test_scheduled_retraining_runs_on_changed_inputs_and_skips_otherwise(pipeline_project, tmp_path):
+    """`arft deploy` registers the deployments on a real `prefect server start`; `arft deploy --serve` runs them.
+    The schedule fires: a changed train param retrains (train, evaluate, register, promote) and records dvc.lock;
+    the next firing finds nothing changed and skips training."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from servers import prefect_server, stop
+
     project, _ = pipeline_project
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["learning_rate"] = 2e-5
+    params["retrain"]["cron"] = "* * * * * */15"  # every 15 s (croniter's sixth field is seconds)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc("repro", cwd=project)
-    assert stages_run(out) == ["train", "evaluate", "register"]
-    assert str(mlflow_client(project).get_model_version_by_alias("arft-agent", "candidate").version) == "2"
+    with prefect_server(tmp_path / "prefect") as api:
+        env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        deployed = subprocess.run([sys.executable, "-m", "arft_core.cli", "deploy"], cwd=project, env=env,
+                                  capture_output=True, text=True)
+        assert deployed.returncode == 0, deployed.stderr
+        with SyncPrefectClient(api) as client:
+            deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+            assert set(deployments) == {"arft-retrain/scheduled", "arft-train/gpu", "arft-evaluate/cpu"}
+            assert deployments["arft-train/gpu"].work_pool_name == "gpu"
+            assert deployments["arft-retrain/scheduled"].work_pool_name == "cpu"
+            assert deployments["arft-retrain/scheduled"].schedules[0].schedule.cron == "* * * * * */15"
+        log = (tmp_path / "serve.log").open("w")
+        served = subprocess.Popen([sys.executable, "-m", "arft_core.cli", "deploy", "--serve"], cwd=project, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with SyncPrefectClient(api) as client:
+                deadline = time.monotonic() + 400
+                while time.monotonic() < deadline:
+                    done = [r for r in _flow_runs(client, "arft-retrain") if r.state.is_final()]
+                    if len(done) >= 2:
+                        break
+                    time.sleep(2)
+                assert len(done) >= 2, (tmp_path / "serve.log").read_text()[-4000:]
+                first, second = sorted(done, key=lambda r: r.start_time)[:2]
+                assert first.state.is_completed() and second.state.is_completed()
+                assert first.auto_scheduled and second.auto_scheduled  # fired by the schedule, not by hand
+                first_logs, second_logs = _logs(client, first), _logs(client, second)
+        finally:
+            stop(served)
+            log.close()
+    assert "changed: train: params.yaml" in first_logs and "new dvc.lock recorded" in first_logs
+    assert "'train': 'ran'" in first_logs and "'promote': 'ran'" in first_logs
+    assert "inputs unchanged since the last run: skipping training" in second_logs
+    assert "changed:" not in second_logs
+    client = mlflow_client(project)
+    assert str(client.get_model_version_by_alias("arft-agent", "candidate").version) == "2"
+    promotion = json.loads((project / "reports" / "promotion.json").read_text())
+    assert promotion["candidate_version"] == "2" and "candidate_score" in promotion
+    exp = client.get_experiment_by_name("arft")
+    parent = client.search_runs([exp.experiment_id], "tags.`arft.stage` = 'pipeline'", order_by=["start_time DESC"])[0]
+    assert "dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "Data and pipelines are up to date" in dvc("repro", cwd=project)
 
 
 def test_validate_cli_names_the_broken_item(pipeline_project):
@@ -214,23 +242,6 @@ def test_changing_a_corruption_parameter_reruns_data_generation(pipeline_project
     assert report["manifests"]["train"]["n"] == 8 and (project / "reports" / "contact_sheet.png").is_file()
 
 
-def test_failed_validation_stops_the_chain(tmp_path, prefect_server, project_copy):
-    # Data made with a label the validation suite does not accept: validation must fail and train never start.
-    write_params(project_copy, {"data": {"simple": ["dark", "none"], "hard_fraction": 0.0},
-                                "validation": {"known_labels": ["none", "rotation90"]}})
-    proc = arft("pipeline", cwd=project_copy, check=False)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1
-    assert re.search(r"item id=\d+: unknown corruption label in type \(type='dark'\)", output)
-    assert stages_run(output) == ["model", "data", "search_index", "search_data", "validate"]
-    assert not (project_copy / "models" / "trained").exists()
-    runs = mlflow_client(project_copy).search_runs(
-        [mlflow_client(project_copy).get_experiment_by_name("arft").experiment_id])
-    statuses = {r.data.tags["arft.stage"]: r.info.status for r in runs}
-    assert statuses == {"pipeline": "FAILED", "model": "FINISHED", "data": "FINISHED", "search_index": "FINISHED",
-                        "search_data": "FINISHED", "validate": "FAILED"}
-
-
 def test_distributed_training_on_two_cpu_processes(pipeline_project):
     """train.launcher: torchrun starts 2 ranks (DDP over gloo); rank 0 gathers and writes checkpoints, the model
     and the metrics, and logs to the stage's MLflow run."""
@@ -248,3 +259,24 @@ def test_distributed_training_on_two_cpu_processes(pipeline_project):
     exp = client.get_experiment_by_name("arft")
     run = client.search_runs([exp.experiment_id], "tags.`arft.stage` = 'train'", order_by=["start_time DESC"])[0]
     assert run.info.status == "FINISHED" and {"sft.loss", "reward", "world_size"} <= set(run.data.metrics)
+
+
+def test_failed_validation_stops_the_chain(pipeline_project):
+    # Last in the module (it leaves the data invalid): the validation suite stops accepting the 'dark' label, so
+    # validation reruns and fails, and nothing after it runs.
+    project, _ = pipeline_project
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validation"]["known_labels"] = [x for x in params["validation"]["known_labels"] if x != "dark"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = arft("pipeline", cwd=project, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert re.search(r"item id=\d+: unknown corruption label in type \(type='dark'\)", output)
+    assert stages_run(output) == ["validate"]
+    client = mlflow_client(project)
+    runs = client.search_runs([client.get_experiment_by_name("arft").experiment_id], order_by=["start_time DESC"])
+    latest = {}
+    for r in runs:
+        latest.setdefault(r.data.tags["arft.stage"], r.info.status)
+    assert latest["pipeline"] == "FAILED" and latest["validate"] == "FAILED"
+    assert "dvc-repro-train" not in output

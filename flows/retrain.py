@@ -1,0 +1,53 @@
+"""Scheduled retraining: a run first asks what changed since the last one (`dvc status`, plus the MAT-Search
+annotation export, which lives outside DVC's graph). Nothing changed: it skips training and says so. Otherwise it
+runs the pipeline (train, evaluate, register, promote), then records the new dvc.lock."""
+
+from __future__ import annotations
+
+import subprocess
+
+from prefect import flow
+
+from arft_core.config import Config, load_config
+from arft_core.dag import changed_stages
+from arft_core.stages import annotation_changes
+from flows.pipeline import pipeline_flow
+
+SKIP_MESSAGE = "inputs unchanged since the last run: skipping training"
+
+
+def record_lock(cfg: Config, run_id: str) -> str:
+    """Log dvc.lock to the pipeline's MLflow run; with retrain.record_lock: commit, also commit it to git."""
+    import mlflow
+
+    from arft_core.tracking import configure
+
+    lock = cfg.root / "dvc.lock"
+    configure(cfg)
+    mlflow.MlflowClient().log_artifact(run_id, str(lock))
+    where = f"MLflow run {run_id} (artifact dvc.lock)"
+    if cfg.retrain.record_lock == "commit":
+        subprocess.run(["git", "add", "dvc.lock"], cwd=cfg.root, check=True)
+        subprocess.run(["git", "commit", "-m", f"retrain: dvc.lock of MLflow run {run_id}", "--", "dvc.lock"],
+                       cwd=cfg.root, check=True, capture_output=True)
+        where += " and a git commit"
+    return where
+
+
+@flow(name="arft-retrain", log_prints=True)
+def retrain_flow(params: str | None = None) -> dict:
+    """Retrain when inputs changed (new annotations, params, code, data); skip when nothing did."""
+    cfg = load_config(params)
+    changes = {stage: why for stage, why in changed_stages(cfg.root).items()}
+    new_annotations = annotation_changes(cfg)
+    if new_annotations:
+        changes["search_data"] = changes.get("search_data", []) + new_annotations
+    if not changes:
+        print(SKIP_MESSAGE)
+        return {"skipped": True, "changes": {}}
+    for stage, why in changes.items():
+        print(f"changed: {stage}: {'; '.join(why)}")
+    result = pipeline_flow(params=str(cfg._source), force=["search_data"] if new_annotations else None)
+    where = record_lock(cfg, result["mlflow_run_id"])
+    print(f"stages: {result['stages']}; new dvc.lock recorded in {where}")
+    return {"skipped": False, "changes": changes, **result, "lock": where}

@@ -1,0 +1,129 @@
+"""Real servers on loopback for the team-stack tests: PostgreSQL (Debian's packages) with `mlflow server` on top,
+and `prefect server start`. Each is started as its own process and stopped afterwards."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url}: no answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on a loopback port; yields its SQLAlchemy URL (database `mlflow`). Skips the
+    test when Debian's postgresql package is not installed (`.ci/run` installs it)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    # Not under pytest's tmp_path: PostgreSQL refuses to run as root, and its user must reach the folder.
+    base = Path(tempfile.mkdtemp(prefix="arft-pg-"))
+    data, log = base / "data", base / "postgres.log"
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        os.chmod(base, 0o755)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "arft"], check=True,
+                   capture_output=True)
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen([*as_user, str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p",
+                                 str(port), "-k", str(base)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                             capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "arft", "mlflow"],
+                       check=True, capture_output=True)
+        yield f"postgresql://arft@127.0.0.1:{port}/mlflow"
+    finally:
+        stop(proc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
+    """`mlflow server` over `backend_uri`, proxying artifacts to `artifacts` (as the team stack does with MinIO)."""
+    port = free_port()
+    log = artifacts.parent / f"mlflow-server-{port}.log"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        # No background job runner (five extra processes): the tests run no MLflow server jobs.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+                                 "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """`prefect server start` (all services, the scheduler polling every second); yields its API URL."""
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", proc, log)
+        yield url
+    finally:
+        stop(proc)
