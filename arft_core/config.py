@@ -307,6 +307,10 @@ class TrainConfig(Section):
                                    "relative to the project root (infra/accelerate/deepspeed_zero{2,3,3_offload}.yaml).")
     num_processes: int = Field(2, description="Processes (GPUs) per node for the accelerate / torchrun launchers.",
                                ge=1)
+    num_machines: int = Field(1, description="Nodes of a multi-node launch; each node runs `arft train` with its "
+                              "rank in ARFT_MACHINE_RANK (0 on the main node).", ge=1)
+    main_process_ip: str | None = Field(None, description="Address of the rank-0 node (multi-node launches).")
+    main_process_port: int = Field(29500, description="Rendezvous port on the rank-0 node.", ge=1, le=65535)
     sft: SftConfig = Field(default_factory=SftConfig, description="Supervised cold start.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT).")
 

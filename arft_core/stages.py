@@ -198,24 +198,38 @@ def _log_text_artifact(name: str, text: str) -> None:
         mlflow.log_text(text, name)
 
 
-def launch_distributed(cfg: Config, run_id: str | None) -> None:
-    """Start `train.num_processes` ranks of `arft train-worker`: `accelerate launch` with accelerate_config (DDP or
-    DeepSpeed ZeRO on GPUs), or `torchrun` (plain DDP: NCCL on GPUs, gloo on CPU). Rank 0 logs to MLflow run
-    `run_id` and writes the outputs."""
-    import os
-    import subprocess
+def launch_command(cfg: Config, machine_rank: int = 0) -> list[str]:
+    """The launcher command of `train.launcher` for this node: `accelerate launch` with accelerate_config (DDP or
+    DeepSpeed ZeRO on GPUs) or `torchrun` (plain DDP: NCCL on GPUs, gloo on CPU), single- or multi-node."""
     import sys
 
+    t = cfg.train
     worker = ["-m", "arft_core.cli", "train-worker", "--params", str(cfg._source or cfg.root / "params.yaml")]
-    if cfg.train.launcher == "accelerate":
-        config_file = cfg.root / cfg.train.accelerate_config
+    multi = t.num_machines > 1
+    if multi and not t.main_process_ip:
+        raise ValueError("train.main_process_ip: required when train.num_machines > 1 (the rank-0 node's address)")
+    if t.launcher == "accelerate":
+        config_file = cfg.root / t.accelerate_config
         if not config_file.is_file():
             raise FileNotFoundError(f"train.accelerate_config: {config_file} does not exist")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-               "--num_processes", str(cfg.train.num_processes), *worker]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(cfg.train.num_processes), *worker]
+        nodes = ["--num_machines", str(t.num_machines), "--machine_rank", str(machine_rank), "--main_process_ip",
+                 t.main_process_ip, "--main_process_port", str(t.main_process_port)] if multi else []
+        # accelerate counts processes over all nodes
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                "--num_processes", str(t.num_processes * t.num_machines), *nodes, *worker]
+    nodes = (["--nnodes", str(t.num_machines), "--node_rank", str(machine_rank), "--master_addr",
+              t.main_process_ip, "--master_port", str(t.main_process_port)] if multi else ["--standalone"])
+    return [sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", str(t.num_processes),
+            *worker]
+
+
+def launch_distributed(cfg: Config, run_id: str | None) -> None:
+    """Start this node's ranks of `arft train-worker` (see `launch_command`); global rank 0 logs to MLflow run
+    `run_id` and writes the outputs. A multi-node launch reads this node's rank from ARFT_MACHINE_RANK."""
+    import os
+    import subprocess
+
+    cmd = launch_command(cfg, int(os.environ.get("ARFT_MACHINE_RANK", "0")))
     env = {**os.environ, "ARFT_TRAIN_RUN_ID": run_id or ""}
     proc = subprocess.run(cmd, cwd=cfg.root, env=env)
     if proc.returncode != 0:
@@ -378,7 +392,6 @@ def registered_model_dir(uri: str) -> Path:
 def _rescore_version(cfg: Config, version) -> dict[str, str]:
     """Evaluate a registered version again on this evaluation (the promotion metrics' benchmarks and modes); the
     evaluation's frozen search cache answers its searches (replay for web back-ends: no new paid calls)."""
-    import mlflow
 
     from arft_core.evaluation import evaluate, load_benchmark
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from arft_core.config import Config, ConfigError, describe, load_config
-from conftest import ROOT, arft
+from conftest import ROOT, arft, write_params
 
 
 def test_project_params_match_schema_defaults():
@@ -56,3 +56,26 @@ def test_cli_reports_config_errors(tmp_path: Path):
     proc = arft("config", "--values", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "evals: unknown key" in proc.stderr
+
+
+def test_multi_node_launch_commands(tmp_path):
+    from arft_core.config import load_config
+    from arft_core.stages import launch_command
+
+    params = write_params(tmp_path, {"train": {"launcher": "torchrun", "num_processes": 8, "num_machines": 2,
+                                               "main_process_ip": "10.0.0.1"}})
+    cfg = load_config(params)
+    cmd = launch_command(cfg, machine_rank=1)
+    assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--node_rank") + 1] == "1"
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and "--standalone" not in cmd
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "8" and cmd[-3:] == ["train-worker", "--params", str(params)]
+    (tmp_path / "zero3.yaml").write_text("distributed_type: DEEPSPEED\n")
+    cfg.train.launcher, cfg.train.accelerate_config = "accelerate", "zero3.yaml"
+    cmd = launch_command(cfg, machine_rank=0)
+    assert cmd[cmd.index("--num_processes") + 1] == "16"  # accelerate counts all nodes' processes
+    assert cmd[cmd.index("--machine_rank") + 1] == "0" and cmd[cmd.index("--main_process_port") + 1] == "29500"
+    cfg.train.main_process_ip = None
+    with pytest.raises(ValueError, match="main_process_ip"):
+        launch_command(cfg)
+    cfg.train.num_machines = 1
+    assert "--num_machines" not in launch_command(cfg)

@@ -65,6 +65,26 @@ def test_gate_promotes_only_a_better_candidate(registry):
     assert rows[0]["aliases"] == ["candidate", "champion"] and rows[0]["score"] == 37.5
 
 
+def test_champion_of_another_evaluation_is_rescored(registry):
+    client, _ = registry
+    v1 = new_candidate(client, 20.0, 40.0)
+    client.set_model_version_tag("agent", v1, "eval.fingerprint", "old-eval")
+    promote("agent", METRICS, margin=0.0, client=client)
+    v2 = new_candidate(client, 25.0, 40.0)  # 32.5 beats the stored 30.0, but not the re-scored 35.0
+    client.set_model_version_tag("agent", v2, "eval.fingerprint", "new-eval")
+    with pytest.raises(ValueError, match="scored on another evaluation"):
+        promote("agent", METRICS, margin=0.0, client=client)
+    seen = []
+
+    def rescore(version):
+        seen.append(version.version)
+        return {METRICS[0]: "30.0", METRICS[1]: "40.0"}
+
+    decision = promote("agent", METRICS, margin=0.0, client=client, rescore=rescore)
+    assert seen == [v1] and decision["champion_rescored"] and decision["champion_score"] == 35.0
+    assert not decision["promoted"] and client.get_model_version_by_alias("agent", "champion").version == v1
+
+
 def test_candidate_without_scores_is_refused(registry):
     client, _ = registry
     version = client.create_model_version("agent", source="models/trained").version
@@ -73,7 +93,7 @@ def test_candidate_without_scores_is_refused(registry):
         promote("agent", METRICS, margin=0.0, client=client)
 
 
-def test_promote_and_models_cli(registry):
+def test_promote_and_models_cli(registry, prefect_server):
     client, tmp_path = registry
     new_candidate(client, 10.0, 20.0)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -82,7 +102,8 @@ def test_promote_and_models_cli(registry):
     out = subprocess.run([sys.executable, "-m", "arft_core.cli", "promote", "-p", str(tmp_path / "params.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1])["promoted"] is True
+    decision = json.loads((tmp_path / "reports" / "promotion.json").read_text())
+    assert decision["promoted"] is True and "promoted: @champion -> version 1" in out.stdout + out.stderr
     listed = subprocess.run([sys.executable, "-m", "arft_core.cli", "models", "-p", str(tmp_path / "params.yaml")],
                             capture_output=True, text=True)
     assert listed.returncode == 0 and "champion" in listed.stdout and "15.0000" in listed.stdout
