@@ -97,7 +97,7 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     console.print(f"MLflow tracking URI: {uri}", highlight=False)
     console.print(f"MLflow parent run:   {result['mlflow_run_id']}", highlight=False)
     console.print(f"Browse the runs:     mlflow ui --backend-store-uri {uri}", highlight=False)
-    for name in ("validation_report", "eval_metrics", "eval_report", "predictions", "registration"):
+    for name in ("validation_report", "eval_metrics", "eval_report", "predictions", "registration", "promotion"):
         console.print(f"{name + ':':<20} {cfg.path(name)}", highlight=False)
 
 
