@@ -275,6 +275,11 @@ def train_stage(cfg: Config) -> dict:
     return summary
 
 
+def eval_search(cfg: Config, mode: str | None = None):
+    """The search settings of an evaluation: its own cache (`paths.eval_search_cache`), optionally another mode."""
+    return cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache, "mode": mode or cfg.search.mode})
+
+
 def evaluate_stage(cfg: Config) -> dict:
     import mlflow
 
@@ -282,7 +287,7 @@ def evaluate_stage(cfg: Config) -> dict:
 
     # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
     # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
-    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache})})
+    cfg = cfg.model_copy(update={"search": eval_search(cfg)})
     plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
     total = sum(map(len, plan.values())) * len(cfg.eval.modes)
     with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
@@ -294,7 +299,8 @@ def evaluate_stage(cfg: Config) -> dict:
     write_text_atomic(cfg.path("eval_report"), report)
     flat = _flat_scores(scores)
     mlflow.log_metrics(flat)
-    mlflow.set_tag("eval.fingerprint", eval_fingerprint(cfg, plan))
+    fingerprint = eval_fingerprint(cfg, plan)
+    mlflow.set_tag("eval.fingerprint", fingerprint)
     mlflow.log_artifact(str(cfg.path("eval_report")))
     mlflow.log_artifacts(str(out), artifact_path="predictions")
     for bench, modes in scores.items():
@@ -302,7 +308,7 @@ def evaluate_stage(cfg: Config) -> dict:
             print(f"{bench:<11} {mode:<7} F1 {s['avg']['f1']:6.2f}  EM {s['avg']['em']:6.2f}  "
                   f"no answer {s['avg']['no_answer_rate']:6.2f}%  (n={s['avg']['n']})")
     print(f"report: {cfg.path('eval_report')}")
-    rows = evaluate_checkpoints(cfg, plan) if cfg.eval.checkpoints == "all" else []
+    rows = evaluate_checkpoints(cfg, plan, fingerprint) if cfg.eval.checkpoints == "all" else []
     if not rows:  # the DVC plot file exists either way
         write_text_atomic(cfg.path("checkpoint_eval") / "checkpoints.csv", _csv([]))
     return {k: v for k, v in flat.items() if k.endswith(".avg.f1") or k.endswith(".avg.em")}
@@ -338,9 +344,8 @@ def eval_overrides(cfg: Config, model: str | None = None, benchmarks: list[str] 
 
 def score_tags(scores: dict) -> dict[str, str]:
     """eval.json's Simple/Hard/Avg F1 and EM as version tags: `eval.<bench>.<mode>.<split>.<f1|em>`."""
-    return {f"eval.{bench}.{mode}.{split}.{m}": str(v) for bench, modes in scores.items()
-            for mode, s in modes.items() for split in ("avg", "simple", "hard") if split in s
-            for m, v in s[split].items() if m in ("f1", "em")}
+    return {f"eval.{k}": str(v) for k, v in _flat_scores(scores).items()
+            if k.split(".")[2] in ("avg", "simple", "hard") and k.split(".")[3] in ("f1", "em")}
 
 
 def register_stage(cfg: Config) -> dict:
@@ -348,14 +353,16 @@ def register_stage(cfg: Config) -> dict:
 
     from arft_core.evaluation import eval_fingerprint, load_benchmark
     from arft_core.registry import FINGERPRINT, register_model
-    from arft_core.tracking import flatten, git_tags, input_hashes
+    from arft_core.tracking import flatten, git_tags, input_hashes, locked_out_hashes
 
     scores = json.loads(cfg.path("eval_metrics").read_text())
+    data_paths = {cfg.paths.mat_coding, cfg.paths.mat_search, cfg.paths.base_model}
     plan = {b: load_benchmark(b, cfg) for b in scores}
     # What a version is: its scores, the frozen evaluation they come from, the data (DVC hashes), code, config.
     tags = {**git_tags(cfg.root), **{f"dvc.input.{k}": v for k, v in input_hashes(cfg.root, "register").items()},
-            **{f"dvc.data.{k}": v for k, v in _locked_data_hashes(cfg).items()},
-            **{f"config.{k}": v[:5000] for k, v in flatten(cfg.model_dump(mode="json", include={"train", "model"})).items()},
+            **{f"dvc.data.{k}": v for k, v in locked_out_hashes(cfg.root).items() if k in data_paths},
+            **{f"config.{k}": v[:5000]
+               for k, v in flatten(cfg.model_dump(mode="json", include={"train", "model"})).items()},
             **score_tags(scores), FINGERPRINT: eval_fingerprint(cfg, plan)}
     result = register_model(cfg.path("trained_model"), cfg.tracking.registered_model, cfg.tracking.alias, tags)
     if cfg._source:
@@ -363,18 +370,6 @@ def register_stage(cfg: Config) -> dict:
     write_json_atomic(cfg.path("registration"), result)
     print(f"registered {result['name']} version {result['version']} as @{result['alias']}")
     return {"version": int(result["version"])}
-
-
-def _locked_data_hashes(cfg: Config) -> dict[str, str]:
-    """The DVC hashes of the training and test data the version was made from (dvc.lock, when there is one)."""
-    import yaml
-
-    lock = cfg.root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    wanted = {cfg.paths.mat_coding, cfg.paths.mat_search, cfg.paths.base_model}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return {o["path"]: o.get("md5", "") for s in stages.values() for o in s.get("outs", []) if o["path"] in wanted}
 
 
 def registered_model_dir(uri: str) -> Path:
@@ -399,9 +394,8 @@ def _rescore_version(cfg: Config, version) -> dict[str, str]:
     benchmarks = sorted({w[1] for w in wanted})
     modes = sorted({w[2] for w in wanted})
     mode = "record" if cfg.search.backend == "local" else "replay"
-    search = cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache, "mode": mode})
-    sub = cfg.model_copy(update={"search": search, "eval": cfg.eval.model_copy(update={"benchmarks": benchmarks,
-                                                                                       "modes": modes})})
+    scope = cfg.eval.model_copy(update={"benchmarks": benchmarks, "modes": modes})
+    sub = cfg.model_copy(update={"search": eval_search(cfg, mode), "eval": scope})
     model_dir = registered_model_dir(f"models:/{version.name}/{version.version}")
     plan = {b: load_benchmark(b, sub) for b in benchmarks}
     print(f"re-scoring champion version {version.version} on this evaluation ({', '.join(benchmarks)})")
@@ -435,19 +429,18 @@ def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def evaluate_checkpoints(cfg: Config, plan: dict) -> list[dict]:
+def evaluate_checkpoints(cfg: Config, plan: dict, fingerprint: str) -> list[dict]:
     """Every saved training checkpoint on the same evaluation: one nested MLflow run per checkpoint (metrics under
     the evaluate stage's names, logged at the checkpoint's step), a CSV for DVC plots and an F1-vs-step PNG."""
     import mlflow
 
-    from arft_core.evaluation import eval_fingerprint, evaluate
+    from arft_core.evaluation import evaluate
     from arft_core.registry import FINGERPRINT
 
     found = checkpoint_steps(cfg.path("train_checkpoints"))
     if not found:
         raise FileNotFoundError(f"no checkpoint-<step> folders in {cfg.path('train_checkpoints')}: train with "
                                 "train.save_steps > 0 to keep checkpoints")
-    fingerprint = eval_fingerprint(cfg, plan)
     rows = []
     for step, folder in found:
         with progress_bar(f"checkpoint-{step}", sum(map(len, plan.values())) * len(cfg.eval.modes)) as advance:

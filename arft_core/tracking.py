@@ -69,7 +69,7 @@ def content_hash(path: Path) -> str:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-def _locked_out_hashes(root: Path, exclude_stage: str) -> dict[str, str]:
+def locked_out_hashes(root: Path, exclude_stage: str | None = None) -> dict[str, str]:
     """Hashes DVC recorded for other stages' outputs (already computed, so no re-hashing of large folders)."""
     lock = root / "dvc.lock"
     if not lock.is_file():
@@ -85,7 +85,7 @@ def input_hashes(root: Path, stage: str) -> dict[str, str]:
 
     if not (root / "dvc.yaml").is_file():
         return {}
-    locked = _locked_out_hashes(root, stage)
+    locked = locked_out_hashes(root, stage)
     return {dep: locked.get(dep) or content_hash(root / dep) for dep in stage_deps(root, stage)}
 
 

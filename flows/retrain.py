@@ -38,7 +38,7 @@ def record_lock(cfg: Config, run_id: str) -> str:
 def retrain_flow(params: str | None = None) -> dict:
     """Retrain when inputs changed (new annotations, params, code, data); skip when nothing did."""
     cfg = load_config(params)
-    changes = {stage: why for stage, why in changed_stages(cfg.root).items()}
+    changes = changed_stages(cfg.root)
     new_annotations = annotation_changes(cfg)
     if new_annotations:
         changes["search_data"] = changes.get("search_data", []) + new_annotations

@@ -175,10 +175,17 @@ def _flow_runs(client, flow_name: str) -> list:
                                  sort=FlowRunSort.EXPECTED_START_TIME_ASC)
 
 
-def _logs(client, run) -> str:
+def _logs(client, run, timeout: float = 60) -> str:
+    """A flow run's log messages; they reach the server in batches after the run ends, so wait for its last one."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    return "\n".join(log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))))
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        text = "\n".join(log.message for log in logs)
+        if "Finished in state" in text or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
 
 
 def test_scheduled_retraining_runs_on_changed_inputs_and_skips_otherwise(pipeline_project, tmp_path):
