@@ -14,7 +14,43 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from arft_core.protocol import PROBLEM_LABELS
+
 PARAMS_FILE = "params.yaml"
+# transformers' SchedulerType values that work with the settings `train` exposes: the others need
+# lr_scheduler_kwargs (cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay) or an eval strategy
+# (reduce_lr_on_plateau, greedy). Listed here because importing transformers.trainer_utils takes ~5 s (torch);
+# tests/test_config.py checks them against the enum.
+SchedulerName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                        "inverse_sqrt"]
+# The reward functions training assembles per train.mode, one weight each (rewards.make_reward_funcs: [format,
+# accuracy]; agent/grpo.TRAJECTORY_REWARDS: [format, answer]). Listed here because agent/grpo imports torch;
+# tests/test_config.py checks them against both.
+REWARD_FUNCS = {"step": ("format", "accuracy"), "agentic": ("format", "answer")}
+# `eval.<benchmark>.<mode>.<split>.<f1|em>` version tags (stages.score_tags); only the MAT benchmarks have splits.
+METRIC_SPLITS = {"mat-coding": ("avg", "simple", "hard"), "mat-search": ("avg", "simple", "hard"),
+                 "multihop": ("avg",)}
+
+
+class FieldError(ValueError):
+    """A failed check that names its key (relative to where the validator runs) and the bad value."""
+
+    def __init__(self, key: str, message: str, value: Any):
+        super().__init__(f"{key}: {message} (got {value!r})")
+        self.key, self.message, self.value = key, message, value
+
+
+def _corruption_names() -> list[str]:
+    """The degradations data generation can apply (data/corruptions.py), plus crop, which is a region question."""
+    from arft_core.data.corruptions import CORRUPTIONS  # imported late: it imports this module (and cv2, ~70 ms)
+
+    return [*CORRUPTIONS, "crop"]
+
+
+def _check_labels(labels: list[str], known: list[str] | tuple[str, ...], prefix: str = "") -> None:
+    for i, label in enumerate(labels):
+        if label not in known:
+            raise FieldError(f"{prefix}{i}", f"unknown corruption; known: {', '.join(known)}", label)
 
 
 class Section(BaseModel):
@@ -47,11 +83,16 @@ class PathsConfig(Section):
                               "metrics file).")
     eval_search_cache: str = Field("data/eval_search_cache.sqlite", description="The evaluation's own search "
                                    "cache (record once, replay for a frozen evaluation).")
+    promotion_search_cache: str = Field("data/promotion_search_cache.sqlite", description="The promotion "
+                                        "gate's own search cache: re-scoring the champion starts from a copy of "
+                                        "the evaluation's frozen cache and never writes into it.")
     eval_report: str = Field("reports/eval_report.html", description="Evaluation HTML report with per-item "
                              "trajectories.")
     registration: str = Field("reports/registration.json", description="Registered model name, version and alias.")
     promotion: str = Field("reports/promotion.json", description="The promotion decision: both scores, the reason, "
                            "the champion after it.")
+    pipeline_state: str = Field(".arft/pipeline.json", description="The running pipeline's record (pid, session, "
+                                "MLflow run): the next run stops what a killed one left behind.")
     checkpoint_eval: str = Field("reports/checkpoints", description="Checkpoint comparison (`arft eval --checkpoints "
                                  "all`, eval.checkpoints): checkpoints.csv (F1/EM per step, a DVC plot) and "
                                  "f1_vs_step.png.")
@@ -96,6 +137,12 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype when loading the model (bfloat16 on GPUs).")
 
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> ModelConfig:
+        if self.min_pixels > self.max_pixels:
+            raise FieldError("min_pixels", f"larger than model.max_pixels ({self.max_pixels})", self.min_pixels)
+        return self
+
 
 class CorruptionRanges(Section):
     """Ranges the seeded draws of each corruption come from (uniform between the two values)."""
@@ -107,6 +154,13 @@ class CorruptionRanges(Section):
     noise_std: tuple[float, float] = Field((20.0, 45.0), description="Gaussian noise std (0-255 scale) for 'noise'.")
     crop_margin: int = Field(4, description="Pixels added around a text region before it is turned into the "
                              "question's 0-1000 box.", ge=0)
+
+    @field_validator("dark_factor", "overexposure_factor", "blur_radius", "noise_std")
+    @classmethod
+    def _ordered_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError("a range is [low, high] with 0 <= low <= high")
+        return v
 
 
 class TeacherConfig(Section):
@@ -120,6 +174,16 @@ class TeacherConfig(Section):
         "the region.")
     max_candidates_factor: float = Field(2.0, description="Give up when this many candidates per requested item "
                                          "were rejected (raises with the reject reasons).", ge=1.0)
+
+    @field_validator("min_psnr_gain_db")
+    @classmethod
+    def _photometric_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        from arft_core.data.teacher import PHOTOMETRIC
+
+        for label in v:
+            if label not in PHOTOMETRIC:
+                raise FieldError(label, f"not a photometric corruption; known: {', '.join(PHOTOMETRIC)}", label)
+        return v
 
 
 class SourceWeights(Section):
@@ -169,6 +233,37 @@ class DataConfig(Section):
     workers: int = Field(2, description="Processes building items, each with its own warm sandbox for the "
                          "teacher check.", ge=1)
 
+    @field_validator("simple")
+    @classmethod
+    def _known_simple(cls, v: list[str]) -> list[str]:
+        _check_labels(v, _corruption_names())
+        if len(set(v)) != len(v):
+            raise ValueError("a type is listed twice (item file names would collide)")
+        return v
+
+    @field_validator("hard")
+    @classmethod
+    def _known_hard(cls, v: list[list[str]]) -> list[list[str]]:
+        for i, labels in enumerate(v):
+            _check_labels(labels, _corruption_names(), f"{i}.")
+            if not labels or ("crop" in labels and labels != ["crop"]):
+                raise FieldError(str(i), "a hard type is one or more corruptions, or crop alone", labels)
+        if len({tuple(t) for t in v}) != len(v):
+            raise ValueError("a type is listed twice (item file names would collide)")
+        return v
+
+    @model_validator(mode="after")
+    def _sources_usable(self) -> DataConfig:
+        weights = self.sources.model_dump()
+        if not any(weights.values()):
+            raise FieldError("sources", "every source weight is 0; give at least one a weight", weights)
+        if self.sources.pdf and not self.pdf_paths:
+            raise FieldError("pdf_paths", "data.sources.pdf > 0 needs at least one PDF", self.pdf_paths)
+        if self.sources.vqa_import and not (self.vqa_import.path and self.vqa_import.image_dir):
+            raise FieldError("vqa_import", "data.sources.vqa_import > 0 needs vqa_import.path and image_dir",
+                             self.vqa_import.model_dump())
+        return self
+
 
 class ValidationConfig(Section):
     """Great Expectations validation of the manifests."""
@@ -181,6 +276,18 @@ class ValidationConfig(Section):
     max_quarantined_fraction: float = Field(
         0.0, description="Share of items that may be quarantined before validation fails the pipeline.",
         ge=0.0, le=1.0)
+
+    @field_validator("known_labels")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        _check_labels(v, PROBLEM_LABELS)
+        return v
+
+    @model_validator(mode="after")
+    def _sides(self) -> ValidationConfig:
+        if self.min_side > self.max_side:
+            raise FieldError("min_side", f"larger than validation.max_side ({self.max_side})", self.min_side)
+        return self
 
 
 class SearchConfig(Section):
@@ -266,7 +373,9 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Training seed.")
     max_steps: int = Field(4, description="GRPO optimizer steps.", ge=1)
     learning_rate: float = Field(1e-5, description="AdamW learning rate (paper: 1e-6).", gt=0)
-    lr_scheduler_type: str = Field("linear", description="Learning-rate schedule (paper: linear, no warmup).")
+    lr_scheduler_type: SchedulerName = Field(
+        "linear", description="Learning-rate schedule, a transformers SchedulerType that needs no extra arguments "
+        "(paper: linear, no warmup).")
     warmup_steps: int = Field(0, description="Warm-up steps (paper: 0).", ge=0)
     weight_decay: float = Field(0.0, description="AdamW weight decay (paper: 0).", ge=0)
     prompts_per_device: int = Field(1, description="Prompts per device per micro-step; each gets num_generations "
@@ -314,6 +423,12 @@ class TrainConfig(Section):
     sft: SftConfig = Field(default_factory=SftConfig, description="Supervised cold start.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (PEFT).")
 
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> TrainConfig:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise FieldError("min_pixels", f"larger than train.max_pixels ({self.max_pixels})", self.min_pixels)
+        return self
+
 
 class AgentConfig(Section):
     """The agent loop shared by evaluation and online training (spec §2, §6.2)."""
@@ -333,9 +448,10 @@ class EvalConfig(Section):
     """Evaluation: MAT-Coding, MAT-Search and multi-hop QA, with tools (agent) and the direct-answer baseline."""
 
     benchmarks: list[Literal["mat-coding", "mat-search", "multihop"]] = Field(
-        ["mat-coding", "mat-search", "multihop"], description="Benchmarks to run.")
+        ["mat-coding", "mat-search", "multihop"], description="Benchmarks to run.", min_length=1)
     modes: list[Literal["agent", "direct"]] = Field(
-        ["agent", "direct"], description="agent: the tool loop; direct: the paper's direct-answer baseline.")
+        ["agent", "direct"], description="agent: the tool loop; direct: the paper's direct-answer baseline.",
+        min_length=1)
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Generation back-end; auto uses vLLM when it is installed and a GPU is present.")
     max_new_tokens: int = Field(32, description="Max tokens generated per model call (paper: 1024 coding, "
@@ -392,7 +508,9 @@ class TrackingConfig(Section):
     champion_alias: str = Field("champion", description="Alias of the promoted version (`arft promote`).")
     promotion_metrics: list[str] = Field(
         ["eval.mat-coding.agent.avg.f1", "eval.mat-search.agent.avg.f1"],
-        description="Version tags averaged into the promotion score (MAT-Coding + MAT-Search average F1).")
+        description="Version tags averaged into the promotion score (MAT-Coding + MAT-Search average F1): "
+        "`eval.<benchmark>.<mode>.<avg|simple|hard>.<f1|em>`, of benchmarks and modes that eval runs.",
+        min_length=1)
     promotion_margin: float = Field(0.0, description="The candidate must beat the champion's score by more than "
                                     "this to take the champion alias.", ge=0)
 
@@ -465,12 +583,25 @@ class Config(Section):
             return data
         name = data["train"]["preset"]
         presets = data.get("train_presets", {"paper": PAPER_PRESET})
-        if name not in presets:
-            raise ValueError(f"train.preset: unknown preset {name!r}; defined: {', '.join(presets)}")
+        if not isinstance(presets, dict) or not isinstance(presets.get(name), dict):
+            defined = ", ".join(presets) if isinstance(presets, dict) and presets else "none"
+            raise FieldError("train.preset", f"unknown preset; train_presets defines: {defined}", name)
         train = dict(data["train"])
         for key, value in presets[name].items():
             train[key] = {**(train.get(key) or {}), **value} if isinstance(value, dict) else value
         return {**data, "train": train}
+
+    @field_validator("train_presets")
+    @classmethod
+    def _valid_presets(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Every preset, used or not, holds valid `train` values (checked over the defaults)."""
+        for name, values in v.items():
+            try:
+                TrainConfig.model_validate(values)
+            except ValidationError as err:
+                key, message, value = _error_parts(err.errors()[0])
+                raise FieldError(f"{name}.{key}", message, value) from None
+        return v
 
     @property
     def root(self) -> Path:
@@ -493,15 +624,60 @@ class ConfigError(ValueError):
     """params.yaml does not match the schema; the message names each bad key."""
 
 
+_NO_VALUE = object()  # an error line without "(got ...)"
+
+
+def _error_parts(e: dict) -> tuple[str, str, Any]:
+    """(key, message, value) of one pydantic error; a FieldError adds its own key below the error's location."""
+    loc = [str(p) for p in e["loc"]]
+    cause = (e.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return ".".join([*loc, cause.key]), cause.message, cause.value
+    if e["type"] == "extra_forbidden":
+        return ".".join(loc), "unknown key (check the spelling; `arft config` lists the valid keys)", _NO_VALUE
+    return ".".join(loc) or "(top level)", e["msg"].removeprefix("Value error, "), e.get("input")
+
+
+def _error_line(key: str, message: str, value: Any) -> str:
+    if value is _NO_VALUE:
+        return f"  {key}: {message}"
+    shown = repr(value)
+    return f"  {key}: {message} (got {shown if len(shown) <= 200 else shown[:200] + '...'})"
+
+
 def _format_errors(err: ValidationError, source: Path) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; `arft config` lists the valid keys)")
+    return "\n".join([f"{source}: invalid configuration", *(_error_line(*_error_parts(e)) for e in err.errors())])
+
+
+def pipeline_errors(cfg: Config) -> list[tuple[str, str, Any]]:
+    """(key, message, value) for settings that are valid alone but that the pipeline cannot run together: checked
+    by load_config, not by the sections, which tests and ad-hoc evaluations also build with other combinations."""
+    errors = []
+    t = cfg.train
+    funcs = REWARD_FUNCS[t.mode]
+    if len(t.reward_weights) != len(funcs):
+        errors.append(("train.reward_weights", f"needs {len(funcs)} values, one per reward function of train.mode "
+                       f"{t.mode!r} ({', '.join(funcs)})", t.reward_weights))
+    if t.launcher == "accelerate" and not (cfg.root / t.accelerate_config).is_file():
+        errors.append(("train.accelerate_config", f"no such file under {cfg.root}", t.accelerate_config))
+    if t.launcher != "none" and t.num_machines > 1 and not t.main_process_ip:
+        errors.append(("train.main_process_ip", "a multi-node launch (train.num_machines > 1) needs the rank-0 "
+                       "node's address", t.main_process_ip))
+    for metric in cfg.tracking.promotion_metrics:
+        parts = metric.split(".")
+        bench, mode = (parts[1], parts[2]) if len(parts) == 5 else (None, None)
+        if len(parts) != 5 or parts[0] != "eval" or parts[4] not in ("f1", "em"):
+            why = "not an eval.<benchmark>.<mode>.<avg|simple|hard>.<f1|em> tag"
+        elif bench not in cfg.eval.benchmarks:
+            why = f"benchmark {bench!r} is not in eval.benchmarks {cfg.eval.benchmarks}"
+        elif mode not in cfg.eval.modes:
+            why = f"mode {mode!r} is not in eval.modes {cfg.eval.modes}"
+        elif parts[3] not in METRIC_SPLITS[bench]:
+            why = f"{bench} scores only the splits {list(METRIC_SPLITS[bench])}"
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            continue
+        errors.append(("tracking.promotion_metrics", f"{why}; the evaluation cannot produce it", metric))
+    return errors
 
 
 def find_params(start: Path | None = None) -> Path:
@@ -520,7 +696,14 @@ def load_config(params: str | Path | None = None) -> Config:
         path = path / PARAMS_FILE
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML error: {'; '.join(filter(None, (err.context, err.problem)))}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
@@ -529,7 +712,26 @@ def load_config(params: str | Path | None = None) -> Config:
         raise ConfigError(_format_errors(err, path)) from None
     cfg._root = path.resolve().parent
     cfg._source = path.resolve()
+    errors = pipeline_errors(cfg)
+    if errors:
+        raise ConfigError("\n".join([f"{path}: invalid configuration", *(_error_line(*e) for e in errors)]))
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

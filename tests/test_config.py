@@ -1,9 +1,11 @@
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from arft_core.config import Config, ConfigError, describe, load_config
+from arft_core.config import (METRIC_SPLITS, REWARD_FUNCS, Config, ConfigError, SchedulerName, describe, load_config,
+                              pipeline_errors)
 from conftest import ROOT, arft, write_params
 
 
@@ -79,3 +81,169 @@ def test_multi_node_launch_commands(tmp_path):
         launch_command(cfg)
     cfg.train.num_machines = 1
     assert "--num_machines" not in launch_command(cfg)
+
+
+# ---- every value that can be checked without running fails at load, naming the key and the value (issue 13)
+def load_error(folder: Path, overrides: dict | None = None, text: str | None = None) -> str:
+    """The ConfigError of a params.yaml built from the project's (one value changed), or of `text`; loading must
+    fail at once and leave nothing but the params file behind."""
+    path = write_params(folder, overrides) if text is None else folder / "params.yaml"
+    if text is not None:
+        path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert time.perf_counter() - start < 5
+    assert [p.name for p in folder.iterdir()] == ["params.yaml"]
+    message = str(exc.value)
+    assert "Traceback" not in message and "\n  :" not in message
+    return message
+
+
+BAD_VALUES = {
+    # the issue's cases
+    "unknown corruption": ({"data": {"simple": ["dark", "blurr"]}}, "data.simple.1: unknown corruption", "'blurr'"),
+    "reward_weights length": ({"train": {"reward_weights": [1.0, 1.0, 1.0]}}, "train.reward_weights: needs 2 values",
+                              "[1.0, 1.0, 1.0]"),
+    "lr_scheduler_type": ({"train": {"lr_scheduler_type": "cosine_annealing"}}, "train.lr_scheduler_type: Input "
+                          "should be 'linear'", "'cosine_annealing'"),
+    "promotion benchmark": ({"eval": {"benchmarks": ["mat-coding", "multihop"]}}, "tracking.promotion_metrics: "
+                            "benchmark 'mat-search' is not in eval.benchmarks", "'eval.mat-search.agent.avg.f1'"),
+    "unknown preset": ({"train": {"preset": "papr"}}, "train.preset: unknown preset; train_presets defines: paper",
+                       "'papr'"),
+    # more corruption lists
+    "unknown hard corruption": ({"data": {"hard": [["rotation90", "drak"]]}}, "data.hard.0.1: unknown corruption",
+                                "'drak'"),
+    "crop combined": ({"data": {"hard": [["crop", "dark"]]}}, "data.hard.0: a hard type is one or more corruptions, "
+                      "or crop alone", "['crop', 'dark']"),
+    "duplicate type": ({"data": {"simple": ["dark", "dark"]}}, "data.simple: a type is listed twice",
+                       "['dark', 'dark']"),
+    "psnr gain key": ({"data": {"teacher": {"min_psnr_gain_db": {"drak": 3.0}}}},
+                      "data.teacher.min_psnr_gain_db.drak: not a photometric corruption", "'drak'"),
+    "known label": ({"validation": {"known_labels": ["dark", "rotate90"]}}, "validation.known_labels.1: unknown",
+                    "'rotate90'"),
+    # more reward / promotion / preset checks
+    "agentic reward_weights": ({"train": {"mode": "agentic", "reward_weights": [1.0]}},
+                               "train.reward_weights: needs 2 values, one per reward function of train.mode 'agentic'",
+                               "[1.0]"),
+    "promotion mode": ({"eval": {"modes": ["direct"]}}, "tracking.promotion_metrics: mode 'agent' is not in eval.modes",
+                       "'eval.mat-coding.agent.avg.f1'"),
+    "promotion split": ({"tracking": {"promotion_metrics": ["eval.multihop.agent.hard.f1"]}},
+                        "tracking.promotion_metrics: multihop scores only the splits ['avg']",
+                        "'eval.multihop.agent.hard.f1'"),
+    "promotion tag shape": ({"tracking": {"promotion_metrics": ["mat-coding.agent.avg.f1"]}},
+                            "tracking.promotion_metrics: not an eval.<benchmark>", "'mat-coding.agent.avg.f1'"),
+    "no promotion metric": ({"tracking": {"promotion_metrics": []}}, "tracking.promotion_metrics: List should have at "
+                            "least 1 item", "[]"),
+    "no benchmark": ({"eval": {"benchmarks": []}}, "eval.benchmarks: List should have at least 1 item", "[]"),
+    "bad preset value": ({"train_presets": {"fast": {"loss_type": "ppo"}}}, "train_presets.fast.loss_type: Input "
+                         "should be", "'ppo'"),
+    "preset unknown key": ({"train_presets": {"fast": {"learning_rte": 1.0}}},
+                           "train_presets.fast.learning_rte: unknown key", None),
+    # cross-field bounds and requirements
+    "range order": ({"data": {"ranges": {"blur_radius": [3.0, 1.5]}}}, "data.ranges.blur_radius: a range is [low, "
+                    "high]", "[3.0, 1.5]"),
+    "no source": ({"data": {"sources": {"synthetic": 0.0}}}, "data.sources: every source weight is 0",
+                  "'synthetic': 0.0"),
+    "pdf without paths": ({"data": {"sources": {"pdf": 1.0}}}, "data.pdf_paths: data.sources.pdf > 0 needs", "[]"),
+    "model pixels": ({"model": {"min_pixels": 500_000}}, "model.min_pixels: larger than model.max_pixels (401408)",
+                     "500000"),
+    "train pixels": ({"train": {"min_pixels": 10_000, "max_pixels": 5_000}}, "train.min_pixels: larger than "
+                     "train.max_pixels (5000)", "10000"),
+    "image sides": ({"validation": {"min_side": 5000}}, "validation.min_side: larger than validation.max_side", "5000"),
+    "missing accelerate config": ({"train": {"launcher": "accelerate", "accelerate_config": "infra/zero9.yaml"}},
+                                  "train.accelerate_config: no such file", "'infra/zero9.yaml'"),
+    "multi-node without address": ({"train": {"launcher": "torchrun", "num_machines": 2}},
+                                   "train.main_process_ip: a multi-node launch", "None"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_value_fails_at_load_naming_key_and_value(tmp_path: Path, case: str):
+    overrides, key_and_message, value = BAD_VALUES[case]
+    message = load_error(tmp_path, overrides)
+    line = next((ln for ln in message.splitlines() if key_and_message in ln), None)
+    assert line is not None, message
+    if value is not None:
+        assert value in line, line
+
+
+def test_unknown_preset_names_the_key_without_dumping_the_config(tmp_path: Path):
+    message = load_error(tmp_path, {"train": {"preset": "papr"}})
+    assert message.splitlines()[1] == "  train.preset: unknown preset; train_presets defines: paper (got 'papr')"
+    assert len(message.splitlines()) == 2 and "learning_rate" not in message
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text()
+    lines = text.splitlines()
+    n = next(i for i, ln in enumerate(lines) if ln.startswith("  n_train:"))
+    lines[n] = "\t" + lines[n].lstrip()
+    message = load_error(tmp_path, text="\n".join(lines) + "\n")
+    assert message.startswith(f"{tmp_path / 'params.yaml'}:{n + 1}:1: YAML error: ")
+    assert "found character '\\t' that cannot start any token" in message and "<unicode string>" not in message
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path):
+    text = (ROOT / "params.yaml").read_text() + "train:\n  max_steps: 2\n"
+    message = load_error(tmp_path, text=text)
+    assert message.startswith(f"{tmp_path / 'params.yaml'}:{text.count(chr(10)) - 1}:1: YAML error: ")
+    assert "key 'train' given twice" in message
+
+
+def test_project_and_paper_preset_load(tmp_path: Path):
+    assert load_config(write_params(tmp_path, {"train": {"preset": "paper"}})).train.num_generations == 8
+    cfg = load_config(write_params(tmp_path, {"train": {"mode": "agentic", "task": "search"},
+                                              "eval": {"benchmarks": ["mat-search"], "modes": ["agent"]},
+                                              "tracking": {"promotion_metrics": ["eval.mat-search.agent.hard.em"]}}))
+    assert pipeline_errors(cfg) == []
+
+
+def test_cli_reports_bad_value_without_traceback(tmp_path: Path):
+    write_params(tmp_path, {"train": {"preset": "papr"}})
+    start = time.perf_counter()
+    proc = arft("config", "--values", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and time.perf_counter() - start < 10
+    stderr = " ".join(proc.stderr.split())  # rich wraps long lines
+    assert "train.preset: unknown preset" in stderr and "(got 'papr')" in stderr and "Traceback" not in stderr
+
+
+# ---- the lists config.py keeps to stay light agree with the modules that own the facts
+def test_corruption_names_match_the_problem_labels():
+    from arft_core.config import _corruption_names
+    from arft_core.protocol import PROBLEM_LABELS
+
+    assert sorted(_corruption_names()) == sorted(PROBLEM_LABELS)
+
+
+def test_scheduler_names_are_transformers_scheduler_types():
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(get_args(SchedulerName)) <= {s.value for s in SchedulerType}
+
+
+def test_reward_function_counts_match_training():
+    from arft_core.agent.grpo import TRAJECTORY_REWARDS
+    from arft_core.rewards import VARIANTS, make_reward_funcs
+
+    for task in ("coding", "search"):
+        for variant in VARIANTS:
+            names = [f.__name__.removesuffix("_reward") for f in make_reward_funcs(task, variant)]
+            assert tuple(names) == REWARD_FUNCS["step"], (task, variant)
+    names = [f.__name__.removeprefix("trajectory_").removesuffix("_reward") for f in TRAJECTORY_REWARDS]
+    assert tuple(names) == REWARD_FUNCS["agentic"]
+
+
+def test_promotion_check_accepts_exactly_the_tags_the_evaluation_writes():
+    from arft_core.metrics import BENCHMARKS
+    from arft_core.stages import score_tags
+
+    assert set(METRIC_SPLITS) == set(BENCHMARKS)
+    split = {"n": 1, "f1": 50.0, "em": 0.0}
+    scores = {b: {m: {s: split for s in ("avg", "simple", "hard") if b != "multihop" or s == "avg"}
+                  for m in ("agent", "direct")} for b in BENCHMARKS}
+    tags = sorted(score_tags(scores))
+    cfg = Config.model_validate({"tracking": {"promotion_metrics": tags}})
+    assert len(tags) == 2 * (3 + 3 + 1) * 2 and pipeline_errors(cfg) == []

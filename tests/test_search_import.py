@@ -1,11 +1,15 @@
-"""MAT-Search import (4 formats, quarantine, idempotence, image store), multi-hop loaders, the embedded sample."""
+"""MAT-Search import (4 formats, quarantine, idempotence, image store, hostile exports), multi-hop loaders, the
+embedded sample."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from PIL import ImageFile
+from test_importers import hostile_images, huge_png  # noqa: F401,F811  (hostile_images is a fixture)
 
 from arft_core.data.multihop import load_fanoutqa_dev, load_flashrag
 from arft_core.data.search_import import detect_format, import_search
@@ -67,7 +71,8 @@ def test_corrupted_export_quarantines_exactly_the_bad_rows(tmp_path: Path) -> No
                    ("ms-007", "queries"), ("ms-008", "question")}
     reasons = {q["item"]: q["reason"] for q in result.quarantined}
     assert reasons["ms-002"].startswith("item ms-002: field 'image_path': image not found")
-    assert reasons["ms-004"] == "item ms-004: field 'id': duplicate id (first used by row 4)"
+    assert reasons["ms-004"] == ("item ms-004: field 'id': duplicate id: row 5 ('ms-004') and row 4 ('ms-004') "
+                                 "are the same id")
     assert "line 6 is not valid JSON" in reasons["row 6"]
     assert len(result.items) == len(SAMPLE_ITEMS) - 6
     assert [i["id"] for i in result.items][:3] == ["ms-001", "ms-004", "ms-009"]
@@ -135,6 +140,62 @@ def test_same_image_is_stored_once(tmp_path: Path) -> None:
     sample = import_search(write_sample(tmp_path / "s", "mat-json"), tmp_path / "s", tmp_path / "store2").items
     stored = list((tmp_path / "store2" / "images").iterdir())
     assert len(stored) == len({i["image_sha256"] for i in sample}) < len(sample)
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+def test_hostile_export(tmp_path: Path, hostile_images: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, outside = hostile_images
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda img: decoded.append(img.size) or real_load(img))
+    sources = {"ms-1": str(outside), "ms-2": "../secret.png", "ms-3": "link.png", "ms-4": "a/same.png",
+               "ms-5": "b/same.png", "11": "a/same.png", " 11": "b/same.png", "ms-8": "huge.png", "ms-9": "twin.png"}
+    rows = [{"id": item_id, "question": "Which colour?", "answer": "red", "image_path": path}
+            for item_id, path in sources.items()]
+    rows.append({"id": 12, "question": "Which colour?", "answer": "red",
+                 "image_path": "/data/local-files/?d=../secret.png"})  # as Label Studio writes it, not resolved
+    export = _write_jsonl(tmp_path / "export.jsonl", rows)
+
+    result = import_search(export, folder, tmp_path / "store")
+
+    assert [(q["item"], q["field"], q["reason"]) for q in result.quarantined] == [
+        ("ms-1", "image_path", f"item ms-1: field 'image_path': path escapes the image folder: {outside}"),
+        ("ms-2", "image_path", "item ms-2: field 'image_path': path escapes the image folder: ../secret.png"),
+        ("ms-3", "image_path", f"item ms-3: field 'image_path': path escapes the image folder: link.png "
+                               f"(resolves to {outside.resolve()})"),
+        (" 11", "id", "item  11: field 'id': duplicate id: row 7 (' 11') and row 6 ('11') are the same id "
+                      "(ids are compared as text, surrounding whitespace stripped)"),
+        ("ms-8", "image_path", "item ms-8: field 'image_path': image size 13000x13000 outside [28, 4096] pixels "
+                               "per side (huge.png)"),
+        (12, "image_path", "item 12: field 'image_path': path escapes the image folder: "
+                           "/data/local-files/?d=../secret.png"),
+    ]
+    assert [q["row"] for q in result.quarantined] == [rows[i] for i in (0, 1, 2, 6, 7, 9)]
+    assert (64, 48) in decoded and (13000, 13000) not in decoded  # the bomb is refused from its header alone
+
+    assert [i["id"] for i in result.items] == ["ms-4", "ms-5", "11", "ms-9"]
+    stored = {i["id"]: i["image_path"] for i in result.items}
+    for item_id, rel in stored.items():
+        assert re.fullmatch(r"images/[0-9a-f]{64}\.png", rel)
+        assert (tmp_path / "store" / rel).read_bytes() == (folder / sources[item_id]).read_bytes()
+    assert stored["ms-4"] == stored["11"] == stored["ms-9"] != stored["ms-5"]
+    assert sorted(p.name for p in (tmp_path / "store" / "images").iterdir()) == sorted({Path(r).name
+                                                                                        for r in stored.values()})
+
+
+def test_label_studio_local_files_stay_inside(tmp_path: Path, hostile_images: tuple[Path, Path]) -> None:
+    folder, _ = hostile_images
+    tasks = [{"id": n, "data": {"image": f"/data/local-files/?d={ref}", "question": "Which colour?"},
+              "annotations": [{"result": [{"from_name": "answer", "value": {"text": ["blue"]}}]}]}
+             for n, ref in ((1, "b%2Fsame.png"), (2, "..%2Fsecret.png"), (3, "%2Fetc%2Fpasswd"))]
+    export = tmp_path / "tasks.json"
+    export.write_text(json.dumps(tasks))
+    result = import_search(export, folder, tmp_path / "store")
+    assert [i["id"] for i in result.items] == ["1"]
+    assert [q["reason"] for q in result.quarantined] == [
+        "item 2: field 'image': path escapes the image folder: ../secret.png",
+        "item 3: field 'image': path escapes the image folder: /etc/passwd"]
+    assert (tmp_path / "store" / result.items[0]["image_path"]).read_bytes() == (folder / "b/same.png").read_bytes()
 
 
 def test_field_mapping(tmp_path: Path) -> None:

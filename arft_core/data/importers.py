@@ -3,13 +3,28 @@
 An importer never drops valid data because of invalid data: each row is checked on its own, a bad row goes to
 quarantine with a message naming the item and the field, and the good rows go on. Only a whole file that is
 missing or cannot be parsed raises. Rows are numbered from 1 in file order ("row 3" is the third record).
+
+Rules shared with `arft_core.data.search_import`:
+
+* Image paths are relative to the declared image folder and must stay inside it: an absolute path, a `..`
+  component or a symlink that resolves outside the folder quarantines the row.
+* Image sizes are read from the file header before any pixel is decoded; an image outside the validation bounds
+  (`validation.min_side`/`max_side`, the ones the Great Expectations suite checks) quarantines its row.
+* Ids are compared as text with surrounding whitespace stripped (string ids are stored stripped): `11`, `"11"`
+  and `" 11"` are one id, and every repeat after the first is quarantined with a reason naming both rows.
+* Stored images are content-addressed (`images/<sha256>.<ext>`, a byte-for-byte copy): two different pictures
+  never share a file, the same picture used twice is stored once.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import re
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from arft_core.config import ValidationConfig
 from arft_core.data.mat_coding import write_json_atomic
 from arft_core.data.sources import SourceItem
 
@@ -28,6 +44,8 @@ CSV_ANSWER_SEPARATOR = "|"
 _NUMBER = r"\s*(\d+(?:\.\d+)?)\s*"
 _BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+# PIL format name -> file extension in the store; other formats fall back to the source file's suffix.
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 
 
 @dataclass
@@ -64,33 +82,107 @@ def _item_label(item: Any) -> str:
     return item if isinstance(item, str) and item.startswith("row ") else f"item {item}"
 
 
-def _check_image(image_dir: Path, field_name: str, value: Any) -> Path:
-    """The image's path under `image_dir`, once it is known to exist and to decode fully."""
+class _Escapes(_Invalid):
+    """An image path that leaves the image folder: never tolerated, not even for an optional image."""
+
+
+def resolve_inside(image_dir: Path, value: str) -> Path:
+    """`value` as a path under `image_dir` with symlinks resolved; `ValueError` when it is absolute, has a `..`
+    component or resolves outside the folder (a symlink pointing out), so a manifest cannot read other files."""
+    if "\x00" in value:
+        raise ValueError(f"path has a NUL byte: {value!r}")
+    rel = Path(value)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"path escapes the image folder: {value}")
+    try:
+        root, path = image_dir.resolve(), (image_dir / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ValueError(f"path cannot be resolved: {value} ({type(e).__name__})") from e
+    if not path.is_relative_to(root):
+        raise ValueError(f"path escapes the image folder: {value} (resolves to {path})")
+    return path
+
+
+def _check_image(image_dir: Path, field_name: str, value: Any, bounds: ValidationConfig | None) -> Path:
+    """The image's resolved path inside `image_dir`, once it is known to exist, to have a size within `bounds`
+    (read from the header, before decoding) and to decode fully. Without `bounds` only PIL's decompression-bomb
+    limit (`Image.MAX_IMAGE_PIXELS`) applies."""
     if not isinstance(value, str) or not value.strip():
         raise _Invalid(field_name, "missing or not a file name")
-    path = image_dir / value
+    try:
+        path = resolve_inside(image_dir, value)
+    except ValueError as e:
+        raise _Escapes(field_name, str(e)) from e
     if not path.is_file():
         raise _Invalid(field_name, f"image not found ({value} under {image_dir})")
     try:
-        with Image.open(path) as img:
+        # Image.open reads only the header; the size check below runs before any pixel is decoded. PIL warns
+        # (and above twice its limit raises) for huge images: the size check is the answer to that warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if bounds is not None and not (bounds.min_side <= min(w, h) and max(w, h) <= bounds.max_side):
+                raise _Invalid(field_name, f"image size {w}x{h} outside [{bounds.min_side}, {bounds.max_side}] "
+                                           f"pixels per side ({value})")
+            if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
+                raise _Invalid(field_name, f"image size {w}x{h} is over {Image.MAX_IMAGE_PIXELS} pixels ({value})")
             img.load()  # a full decode: `verify()` misses truncated pixel data
+    except _Invalid:
+        raise
+    except Image.DecompressionBombError as e:  # over twice PIL's limit: refused before the size is returned
+        raise _Invalid(field_name, f"image too large to open ({value}: {e})") from e
     except Exception as e:  # PIL raises many types for bad files; each one means "unusable image"
         raise _Invalid(field_name, f"image does not decode ({value}: {type(e).__name__})") from e
     return path
+
+
+def image_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def image_extension(path: Path) -> str:
+    """The store's extension for an image: from its decoded format, else its suffix."""
+    with Image.open(path) as img:
+        fmt = img.format or ""
+    return _EXTENSIONS.get(fmt, path.suffix.lower().lstrip(".") or "bin")
+
+
+def store_image(source: Path, sha: str, store_dir: Path) -> str:
+    """Copy `source` byte for byte to `store_dir/images/<sha>.<ext>` unless it is there already; returns the
+    relative path. Named by content, so different pictures never share a file whatever their source names."""
+    rel = f"images/{sha}.{image_extension(source)}"
+    dest = store_dir / rel
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{sha}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(source.read_bytes())
+            os.replace(tmp, dest)  # same folder, so the rename is atomic: readers see all of the file or none
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return rel
 
 
 def _usable_id(value: Any) -> bool:
     return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, str) and bool(value.strip())))
 
 
-def _check_id(value: Any, seen: dict[str, int], row_number: int, field_name: str = "id") -> int | str:
+def _check_id(value: Any, seen: dict[str, tuple[int, Any]], row_number: int, field_name: str = "id") -> int | str:
+    """The id, stripped if a string; a repeat of an earlier row's id (compared as stripped text) is invalid."""
     if not _usable_id(value):
         raise _Invalid(field_name, f"must be an integer or a non-empty string, got {value!r}")
-    key = str(value)  # 12 and "12" would name the same item in outputs
+    key = str(value).strip()  # 12, "12" and " 12" would name the same item in outputs
     if key in seen:
-        raise _Invalid(field_name, f"duplicate id (first used by row {seen[key]})")
-    seen[key] = row_number
-    return value
+        first_row, first_value = seen[key]
+        how = "" if repr(first_value) == repr(value) else " (ids are compared as text, surrounding whitespace stripped)"
+        raise _Invalid(field_name, f"duplicate id: row {row_number} ({value!r}) and row {first_row} "
+                                   f"({first_value!r}) are the same id{how}")
+    seen[key] = (row_number, value)
+    return value.strip() if isinstance(value, str) else value
 
 
 def _check_question(value: Any, field_name: str = "question") -> str:
@@ -142,7 +234,8 @@ def parse_box_norm(question: str) -> list[int | float] | None:
     return None
 
 
-def _mat_item(row: Any, image_dir: Path, seen: dict[str, int], row_number: int) -> dict:
+def _mat_item(row: Any, image_dir: Path, seen: dict[str, tuple[int, Any]], row_number: int,
+              bounds: ValidationConfig) -> dict:
     if not isinstance(row, dict):
         raise _Invalid("(row)", f"must be a JSON object, got {type(row).__name__}")
     if "id" not in row:
@@ -157,10 +250,12 @@ def _mat_item(row: Any, image_dir: Path, seen: dict[str, int], row_number: int) 
     # The image the model sees must be good; the other one is only provenance, and the paper's demo lacks it.
     evaluated, other = (("ori_image_path", "processed_image_path") if labels[0] == "crop"
                         else ("processed_image_path", "ori_image_path"))
-    _check_image(image_dir, evaluated, row.get(evaluated))
+    _check_image(image_dir, evaluated, row.get(evaluated), bounds)
     try:
-        _check_image(image_dir, other, row.get(other))
+        _check_image(image_dir, other, row.get(other), bounds)
         other_path = row[other]
+    except _Escapes:
+        raise
     except _Invalid:
         other_path = None
     item = {**row, "id": item_id, "question": question, "answers": answers, "type": labels, "split": split,
@@ -179,10 +274,15 @@ def _row_label(row: Any, row_number: int, id_field: str = "id") -> Any:
     return value if _usable_id(value) else f"row {row_number}"
 
 
-def import_mat_coding(json_path: Path, image_dir: Path) -> ImportResult:
+def import_mat_coding(json_path: Path, image_dir: Path, store_dir: Path | None = None,
+                      bounds: ValidationConfig | None = None) -> ImportResult:
     """Import the paper's MAT-Coding JSON (`id, question, answers, ori_image_path, processed_image_path, type,
-    split`); image paths are relative to `image_dir`. Crop items gain `box_norm` parsed from the question."""
+    split`); image paths are relative to `image_dir`. Crop items gain `box_norm` parsed from the question.
+
+    Images must have sides within `bounds` (default: `ValidationConfig()`'s). With `store_dir`, each valid item's
+    images are copied to `store_dir/images/<sha256>.<ext>` and its paths rewritten to those."""
     json_path, image_dir = Path(json_path), Path(image_dir)
+    bounds = ValidationConfig() if bounds is None else bounds
     rows = _load_json(json_path)
     if not isinstance(rows, list):
         raise ValueError(f"{json_path}: expected a JSON list of items, got {type(rows).__name__}")
@@ -190,10 +290,16 @@ def import_mat_coding(json_path: Path, image_dir: Path) -> ImportResult:
     result, quarantine, seen = ImportResult(), _Quarantine(), {}
     for row_number, row in enumerate(rows, start=1):
         try:
-            result.items.append(_mat_item(row, image_dir, seen, row_number))
+            result.items.append(_mat_item(row, image_dir, seen, row_number, bounds))
         except _Invalid as e:
             quarantine.add(_row_label(row, row_number), e, row)
     result.quarantined = quarantine.entries
+    if store_dir is not None:
+        for item in result.items:
+            for key in ("ori_image_path", "processed_image_path"):
+                if item[key] is not None:
+                    source = resolve_inside(image_dir, item[key])
+                    item[key] = store_image(source, image_sha256(source), Path(store_dir))
     return result
 
 
@@ -241,15 +347,16 @@ def _csv_rows(path: Path, columns: dict[str, str]) -> list[tuple[Any, str | None
         raise ValueError(f"cannot parse {path}: {e}") from e
 
 
-def _vqa_item(row: Any, image_dir: Path, columns: dict[str, str], csv_answers: bool, seen: dict[str, int],
-              row_number: int) -> dict:
+def _vqa_item(row: Any, image_dir: Path, columns: dict[str, str], csv_answers: bool,
+              seen: dict[str, tuple[int, Any]], row_number: int) -> dict:
     if not isinstance(row, dict):
         raise _Invalid("(row)", f"must be a JSON object, got {type(row).__name__}")
     raw_id = row.get(columns["id"])
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         raw_id = f"row-{row_number}"
     item_id = str(_check_id(raw_id, seen, row_number, columns["id"]))
-    _check_image(image_dir, columns["image"], row.get(columns["image"]))
+    # No side bounds: a VQA image is a source the generator resizes, not a validated output (bombs are refused).
+    _check_image(image_dir, columns["image"], row.get(columns["image"]), None)
     question = _check_question(row.get(columns["question"]), columns["question"]).strip()
     answers_value = row.get(columns["answers"])
     if csv_answers and isinstance(answers_value, str):

@@ -37,21 +37,20 @@ Items out::
      "source_format"}
 
 Images are copied to ``store_dir/images/<sha256>.<ext>``, so the same picture used by two items is stored once.
+Image paths, image sizes and ids follow the rules of `arft_core.data.importers` (paths stay inside ``image_dir``,
+sides within the validation bounds, ids compared with surrounding whitespace stripped).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import os
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from arft_core.config import ValidationConfig
 from arft_core.data.importers import (
     ImportResult,
     _check_id,
@@ -63,6 +62,8 @@ from arft_core.data.importers import (
     _Quarantine,
     _require_dir,
     _usable_id,
+    image_sha256,
+    store_image,
 )
 
 SEARCH_FIELDS = ("id", "question", "answer", "image", "split", "queries", "partition")
@@ -72,8 +73,6 @@ CSV_QUERY_SEPARATOR = "||"
 SPLITS = ("simple", "hard")
 PARTITIONS = ("train", "test")
 LABEL_STUDIO_LOCAL_FILES = "/data/local-files/?d="
-# PIL format name -> file extension in the store; other formats fall back to the source file's suffix.
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 
 
 def default_fields(fmt: str) -> dict[str, str]:
@@ -202,16 +201,6 @@ def _choice(value: Any, field_name: str, allowed: tuple[str, ...]) -> str | None
     return value.strip().lower()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _extension(path: Path) -> str:
-    with Image.open(path) as img:
-        fmt = img.format or ""
-    return _EXTENSIONS.get(fmt, path.suffix.lower().lstrip(".") or "bin")
-
-
 def hash_partition(image_sha256: str, test_fraction: float) -> str:
     """'test' for about `test_fraction` of images, decided by the image's hash alone: stable across re-imports,
     and every question about one image lands on the same side (no train/test image overlap)."""
@@ -219,25 +208,8 @@ def hash_partition(image_sha256: str, test_fraction: float) -> str:
     return "test" if bucket < test_fraction else "train"
 
 
-def _store_image(source: Path, sha: str, ext: str, store_dir: Path) -> str:
-    """Copy `source` to `store_dir/images/<sha>.<ext>` unless it is there already; returns the relative path."""
-    rel = f"images/{sha}.{ext}"
-    dest = store_dir / rel
-    if not dest.is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{sha}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(source.read_bytes())
-            os.replace(tmp, dest)  # same folder, so the rename is atomic: readers see all of the file or none
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return rel
-
-
-def _check_row(row: _Row, image_dir: Path, fields: dict[str, str], seen: dict[str, int],
-               position_split: str, test_fraction: float) -> tuple[dict, Path, bool]:
+def _check_row(row: _Row, image_dir: Path, fields: dict[str, str], seen: dict[str, tuple[int, Any]],
+               position_split: str, test_fraction: float, bounds: ValidationConfig) -> tuple[dict, Path, bool]:
     """(item without its stored image path, the source image, whether the split came from the export)."""
     if row.error is not None:
         raise _Invalid("(row)", row.error)
@@ -246,15 +218,15 @@ def _check_row(row: _Row, image_dir: Path, fields: dict[str, str], seen: dict[st
     v = row.values
     question = _check_question(v["question"], fields["question"]).strip()
     answers = _answers(v["answer"], fields["answer"])
-    image = _check_image(image_dir, fields["image"], v["image"])
+    image = _check_image(image_dir, fields["image"], v["image"], bounds)
     queries = _queries(v["queries"], fields["queries"])
     split = _choice(v["split"], fields["split"], SPLITS)
     partition = _choice(v["partition"], fields["partition"], PARTITIONS)
-    sha = _sha256(image)
+    sha = image_sha256(image)
     raw_id = v["id"]
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         raw_id = "h-" + hashlib.sha256((question + sha).encode()).hexdigest()[:12]
-    item_id = str(_check_id(raw_id, seen, row.number, fields["id"])).strip()
+    item_id = str(_check_id(raw_id, seen, row.number, fields["id"]))
     item = {
         "id": item_id,
         "question": question,
@@ -270,7 +242,7 @@ def _check_row(row: _Row, image_dir: Path, fields: dict[str, str], seen: dict[st
 
 def import_search(export: Path, image_dir: Path, store_dir: Path, fmt: str = "auto",
                   fields: dict[str, str] | None = None, previous: list[dict] | None = None,
-                  test_fraction: float = 0.5) -> ImportResult:
+                  test_fraction: float = 0.5, bounds: ValidationConfig | None = None) -> ImportResult:
     """Import a MAT-Search annotation export (see the module docstring for the formats).
 
     `image_dir` is the folder the export's image paths are relative to; images are copied into `store_dir/images/`
@@ -280,6 +252,9 @@ def import_search(export: Path, image_dir: Path, store_dir: Path, fmt: str = "au
     Split: an explicit `split` field wins; otherwise the paper's convention, by position in the file: the first
     half of the rows is Simple, the second half Hard. Partition: an explicit `partition` field wins; otherwise an
     id-hash puts about `test_fraction` of the items in test.
+
+    Image paths must stay inside `image_dir` and images must have sides within `bounds` (default:
+    `ValidationConfig()`'s, the bounds the search manifest's validation checks); other rows are quarantined.
 
     With `previous` (an earlier import's items) the result lists the previous items first, in their order, then
     the export's new items in file order. A previous item the export has again is re-read (edits are taken) but
@@ -298,6 +273,7 @@ def import_search(export: Path, image_dir: Path, store_dir: Path, fmt: str = "au
     columns = default_fields(fmt) | dict(fields or {})
     rows = _read_rows(export, fmt, columns)
     _require_dir(image_dir)
+    bounds = ValidationConfig() if bounds is None else bounds
 
     quarantine, seen = _Quarantine(), {}
     fresh: dict[str, dict] = {}
@@ -306,12 +282,12 @@ def import_search(export: Path, image_dir: Path, store_dir: Path, fmt: str = "au
     for index, row in enumerate(rows):
         try:
             item, image, explicit = _check_row(row, image_dir, columns, seen, SPLITS[index >= n_simple],
-                                               test_fraction)
+                                               test_fraction, bounds)
         except _Invalid as e:
             label = row.values.get("id")
             quarantine.add(label if _usable_id(label) else f"row {row.number}", e, row.raw)
             continue
-        item["image_path"] = _store_image(image, item["image_sha256"], _extension(image), store_dir)
+        item["image_path"] = store_image(image, item["image_sha256"], store_dir)
         item["source_format"] = fmt
         fresh[item["id"]] = item
         if explicit:
