@@ -6,6 +6,7 @@ An interface module: it parses arguments and prints; the work is in arft_core.st
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,7 @@ def _run_stage(stage: str, params: Optional[Path]) -> None:
     from arft_core.validation import ValidationFailed
     from flows.stages import STAGE_FLOWS
 
+    _config(params)  # a config error ends here, in a second, before Prefect starts a server and a flow run
     try:
         summary = STAGE_FLOWS[stage](params=str(params) if params else None)
     except (ConfigError, ValidationFailed, FileNotFoundError, ValueError) as exc:
@@ -82,13 +84,14 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     """Run the whole chain (dvc.yaml's stages in order, unchanged stages skipped) as one Prefect flow run."""
     from arft_core.config import ConfigError, load_config
     from flows.pipeline import StageFailed, pipeline_flow, prefect_api
+    from flows.session import PipelineBusy, pipeline_session
 
     try:
         cfg = load_config(params)
-        with prefect_api() as api:
+        with pipeline_session(cfg), prefect_api() as api:
             console.print(f"Prefect API: {api}", highlight=False)
             result = pipeline_flow(params=str(cfg.root / "params.yaml"))
-    except (ConfigError, StageFailed) as exc:
+    except (ConfigError, StageFailed, PipelineBusy) as exc:
         _fail(str(exc))
     uri = cfg.tracking_uri()
     console.rule("arft pipeline finished")
@@ -108,12 +111,13 @@ def retrain(params: Optional[Path] = ParamsOption) -> None:
     from arft_core.config import ConfigError
     from flows.pipeline import StageFailed, prefect_api
     from flows.retrain import retrain_flow
+    from flows.session import PipelineBusy, pipeline_session
 
     cfg = _config(params)
     try:
-        with prefect_api():
+        with pipeline_session(cfg), prefect_api():
             result = retrain_flow(params=str(cfg._source))
-    except (ConfigError, StageFailed) as exc:
+    except (ConfigError, StageFailed, PipelineBusy) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result))
 
@@ -228,6 +232,7 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mo
         _fail(f"--model {model}: not a folder (nor a models:/ URI)")
     if checkpoints not in (None, "all", "none"):
         _fail(f"--checkpoints {checkpoints}: expected all or none")
+    _config(params)  # config errors before Prefect starts
     try:
         summary = evaluate_flow(params=str(params) if params else None, model=model,
                                 benchmarks=benchmark or None, modes=mode or None, out=str(out) if out else None,
@@ -319,8 +324,6 @@ def data_import_coding(
 ) -> None:
     """Import MAT-Coding items (e.g. the real benchmark): invalid items are quarantined with a reason, valid ones
     are copied into OUT and validated with the same Great Expectations suite as generated data."""
-    import shutil
-
     from arft_core.config import ConfigError, ValidationConfig, load_config
     from arft_core.data.importers import import_mat_coding
     from arft_core.data.mat_coding import write_json_atomic
@@ -331,15 +334,9 @@ def data_import_coding(
     except ConfigError:
         cfg = ValidationConfig()
     try:
-        result = import_mat_coding(manifest, images)
+        result = import_mat_coding(manifest, images, out, cfg)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), 2)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for item in result.items:
-        for key in ("ori_image_path", "processed_image_path"):
-            if item.get(key):
-                shutil.copyfile(images / item[key], out / "images" / Path(item[key]).name)
-                item[key] = f"images/{Path(item[key]).name}"
     write_json_atomic(out / "test.json", result.items)
     result.write_quarantine(out / "quarantine.json")
     for q in result.quarantined:
@@ -404,7 +401,17 @@ def sandbox_probe(params: Optional[Path] = ParamsOption) -> None:
     typer.echo(json.dumps(layers))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up runs: stage processes stopped, the temporary Prefect
+    server shut down, MLflow runs ended KILLED."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signal.Signals(signum).name}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

@@ -7,6 +7,7 @@ of `params.yaml`, and writes its outputs whole (a failed stage leaves no half-wr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -104,7 +105,8 @@ def search_data_stage(cfg: Config) -> dict:
         image_dir = cfg.root / (d.image_dir or Path(d.export).parent)
     out = cfg.path("mat_search")
     previous = load_manifest(out, "all") if (out / "all.json").is_file() else None
-    result = import_search(export, image_dir, out, d.format, d.fields or None, previous, d.test_fraction)
+    result = import_search(export, image_dir, out, d.format, d.fields or None, previous, d.test_fraction,
+                           cfg.validation)
     result.write_quarantine(out / "quarantine.json")
     for q in result.quarantined:
         print(f"quarantined: {q['reason']}")
@@ -275,9 +277,11 @@ def train_stage(cfg: Config) -> dict:
     return summary
 
 
-def eval_search(cfg: Config, mode: str | None = None):
-    """The search settings of an evaluation: its own cache (`paths.eval_search_cache`), optionally another mode."""
-    return cfg.search.model_copy(update={"cache_path": cfg.paths.eval_search_cache, "mode": mode or cfg.search.mode})
+def eval_search(cfg: Config, mode: str | None = None, cache_path: str | None = None):
+    """The search settings of an evaluation: its own cache (`paths.eval_search_cache` unless `cache_path`),
+    optionally another mode."""
+    return cfg.search.model_copy(update={"cache_path": cache_path or cfg.paths.eval_search_cache,
+                                         "mode": mode or cfg.search.mode})
 
 
 def evaluate_stage(cfg: Config) -> dict:
@@ -385,8 +389,9 @@ def registered_model_dir(uri: str) -> Path:
 
 
 def _rescore_version(cfg: Config, version) -> dict[str, str]:
-    """Evaluate a registered version again on this evaluation (the promotion metrics' benchmarks and modes); the
-    evaluation's frozen search cache answers its searches (replay for web back-ends: no new paid calls)."""
+    """Evaluate a registered version again on this evaluation (the promotion metrics' benchmarks and modes). Its
+    searches go through the promotion's own cache, a fresh copy of the evaluation's frozen one (replay for web
+    back-ends: no new paid calls), so the evaluate stage's output is never modified (`dvc status` stays clean)."""
 
     from arft_core.evaluation import evaluate, load_benchmark
 
@@ -395,7 +400,8 @@ def _rescore_version(cfg: Config, version) -> dict[str, str]:
     modes = sorted({w[2] for w in wanted})
     mode = "record" if cfg.search.backend == "local" else "replay"
     scope = cfg.eval.model_copy(update={"benchmarks": benchmarks, "modes": modes})
-    sub = cfg.model_copy(update={"search": eval_search(cfg, mode), "eval": scope})
+    own = str(cfg.path("promotion_search_cache"))
+    sub = cfg.model_copy(update={"search": eval_search(cfg, mode, own), "eval": scope})
     model_dir = registered_model_dir(f"models:/{version.name}/{version.version}")
     plan = {b: load_benchmark(b, sub) for b in benchmarks}
     print(f"re-scoring champion version {version.version} on this evaluation ({', '.join(benchmarks)})")
@@ -410,6 +416,15 @@ def promote_stage(cfg: Config) -> dict:
     from arft_core.registry import promote
 
     t = cfg.tracking
+    # The stage's own output, made fresh each time from the evaluation's frozen cache (an empty one without it).
+    frozen, own = cfg.path("eval_search_cache"), cfg.path("promotion_search_cache")
+    tmp = own.with_name(own.name + ".tmp")
+    own.parent.mkdir(parents=True, exist_ok=True)
+    if frozen.is_file():
+        shutil.copyfile(frozen, tmp)
+    else:
+        tmp.write_bytes(b"")
+    os.replace(tmp, own)
     decision = promote(t.registered_model, t.promotion_metrics, t.promotion_margin, t.alias, t.champion_alias,
                        rescore=lambda version: _rescore_version(cfg, version))
     write_json_atomic(cfg.path("promotion"), decision)

@@ -4,8 +4,10 @@ skipped and dvc.lock records what ran), inside one MLflow parent run. Stage comm
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +16,7 @@ from prefect import flow, task
 
 from arft_core.config import Config, ConfigError, load_config
 from arft_core.dag import stage_order
+from flows.session import note
 
 SKIPPED_MARKER = "didn't change, skipping"
 
@@ -33,17 +36,38 @@ def _stage_env() -> dict[str, str]:
 def reproduce_stage(stage: str, root: str, force: bool = False) -> str:
     """`dvc repro --single-item <stage>`; returns 'ran' or 'cached' (unchanged inputs)."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    # Its own process group, so that an interrupted pipeline stops the stage command under dvc too.
     proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, start_new_session=True)
     tail, skipped = [], False
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        skipped |= SKIPPED_MARKER in line
-        tail = (tail + [line.rstrip()])[-40:]
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            skipped |= SKIPPED_MARKER in line
+            tail = (tail + [line.rstrip()])[-40:]
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM): the stage ends its MLflow run KILLED and exits
+            _stop_group(proc)
+    if proc.returncode != 0:
         raise StageFailed(f"stage {stage!r} failed (dvc repro exit {proc.returncode}); last output:\n"
                           + "\n".join(tail))
     return "cached" if skipped else "ran"
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the stage's process group (dvc and the stage command), SIGKILL to what is left after `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                proc.poll()  # reap the leader: a zombie would keep the group alive
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:  # the whole group has ended
+            break
+    proc.wait()
 
 
 def _check_retries(cfg: Config, stages: list[str]) -> None:
@@ -65,6 +89,7 @@ def pipeline_flow(params: str | None = None, force: list[str] | None = None) -> 
     _check_retries(cfg, stages)
     results: dict[str, str] = {}
     with pipeline_run(cfg) as run:
+        note(mlflow_run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
         for stage in stages:
             step = reproduce_stage.with_options(
                 task_run_name=f"dvc-repro-{stage}", retries=cfg.pipeline.retries.get(stage, 0),
@@ -109,9 +134,9 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
     try:
+        server.start()  # waits up to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+        os.environ["PREFECT_API_URL"] = server.api_url
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield server.api_url
     finally:

@@ -191,7 +191,8 @@ def _logs(client, run, timeout: float = 60) -> str:
 def test_scheduled_retraining_runs_on_changed_inputs_and_skips_otherwise(pipeline_project, tmp_path):
     """`arft deploy` registers the deployments on a real `prefect server start`; `arft deploy --serve` runs them.
     The schedule fires: a changed train param retrains (train, evaluate, register, promote) and records dvc.lock;
-    the next firing finds nothing changed and skips training."""
+    the next firing finds nothing changed and skips training. The evaluation changed too, so promotion re-scores the
+    champion, through its own search cache: the evaluation's outputs stay as DVC recorded them."""
     from prefect.client.orchestration import SyncPrefectClient
 
     from servers import prefect_server, stop
@@ -199,6 +200,7 @@ def test_scheduled_retraining_runs_on_changed_inputs_and_skips_otherwise(pipelin
     project, _ = pipeline_project
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["learning_rate"] = 2e-5
+    params["eval"]["max_new_tokens"] += 1
     params["retrain"]["cron"] = "* * * * * */15"  # every 15 s (croniter's sixth field is seconds)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with prefect_server(tmp_path / "prefect") as api:
@@ -241,6 +243,8 @@ def test_scheduled_retraining_runs_on_changed_inputs_and_skips_otherwise(pipelin
     assert str(client.get_model_version_by_alias("arft-agent", "candidate").version) == "2"
     promotion = json.loads((project / "reports" / "promotion.json").read_text())
     assert str(promotion["candidate_version"]) == "2" and "candidate_score" in promotion
+    assert promotion["champion_rescored"] is True
+    assert "Data and pipelines are up to date" in dvc("status", cwd=project)
     exp = client.get_experiment_by_name("arft")
     parent = client.search_runs([exp.experiment_id], "tags.`arft.stage` = 'pipeline'", order_by=["start_time DESC"])[0]
     assert "dvc.lock" in {a.path for a in client.list_artifacts(parent.info.run_id)}
