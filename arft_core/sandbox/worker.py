@@ -3,7 +3,9 @@ arft_core, which is not visible inside the sandbox.
 
 Start-up: import numpy/PIL/cv2 once, drop to the unprivileged uid, report the isolation layers it can see.
 Per job (one JSON line on stdin): fork a child that gets its own process group, rlimits and a seccomp filter,
-then runs the model's code in /job; a second forked child checks the images it wrote. One JSON line goes back.
+then runs the model's code in /job; a second forked child checks the images it wrote. One JSON line goes back,
+carrying the job's `id`. The children are forks, not execs: each closes every inherited descriptor but its own
+result pipe, so a job can neither write the worker's reply channel nor read the next request.
 """
 
 import ctypes
@@ -13,6 +15,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -20,6 +23,7 @@ import traceback
 JOB_DIR = "/job"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 CLONE_THREAD = 0x00010000
+RESULT_CAP = 1 << 16  # bytes a child may send back; a child saying more is killed and its result dropped
 
 # ---------------------------------------------------------------- seccomp (libseccomp through ctypes)
 SCMP_ACT_ALLOW = 0x7FFF0000
@@ -66,7 +70,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 4, 38, 22, 2
 
 
 class SeccompFilter:
@@ -140,21 +144,38 @@ def apply_limits(limits, base_vm):
 
 
 def drop_privileges(uid):
-    if os.geteuid() != 0:
-        return
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    # Jobs run as this same uid: non-dumpable, the worker's /proc/1/fd (its protocol pipes) and /proc/1/mem are
+    # closed to them. The uid switch above already does this; an unprivileged (rootless) worker needs it said.
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_DUMPABLE failed")
 
 
 # ---------------------------------------------------------------- one job
+def is_output_name(name):
+    """A plain image file name: no folder part, not hidden, an image extension. The host checks the same."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".") and "/" not in name
+            and "\0" not in name and name.lower().endswith(IMAGE_EXTS))
+
+
 def _read_capped(path, cap):
+    # The job may have swapped the file for a link (to a device, or to /proc/self/fd/...): regular files only.
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            data = f.read(cap)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return ""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        size, data = st.st_size, os.read(fd, cap)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     text = data.decode("utf-8", "replace")
     return text + (f"\n... [truncated: {size} bytes in all]" if size > cap else "")
 
@@ -167,6 +188,18 @@ def _user_traceback(exc, cap):
     return ("\n".join(lines + [msg]))[:cap]
 
 
+def _close_inherited_fds(keep):
+    """In a forked child: close every descriptor above stderr except `keep` (its own result pipe). This takes
+    the worker's request and reply pipes away from the job; close-on-exec would not, as nothing is exec'd."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:  # the descriptor listdir itself used
+                pass
+
+
 def _fork_limited(limits, base_vm, seccomp, body):
     """Run body() in a child with its own process group, rlimits and seccomp; returns (pid, read fd)."""
     r, w = os.pipe()
@@ -174,7 +207,7 @@ def _fork_limited(limits, base_vm, seccomp, body):
     if pid == 0:
         result = {"error": None}
         try:
-            os.close(r)
+            _close_inherited_fds(w)  # first of all, before any of the job's code can run
             os.setpgid(0, 0)
             os.chdir(JOB_DIR)
             for fd, name in ((1, "stdout.txt"), (2, "stderr.txt")):
@@ -193,7 +226,7 @@ def _fork_limited(limits, base_vm, seccomp, body):
             result.update(body() or {})
         except SystemExit as exc:
             if exc.code not in (None, 0):
-                result["error"] = f"SystemExit: {exc.code}"
+                result["error"] = f"SystemExit: {exc.code}"[: limits["max_output_bytes"]]
         except BaseException as exc:  # the model's code may raise anything; it becomes the error text
             result["error"] = _user_traceback(exc, limits["max_output_bytes"])
         for stream in (sys.stdout, sys.stderr):
@@ -202,7 +235,7 @@ def _fork_limited(limits, base_vm, seccomp, body):
             except BaseException:  # e.g. the file-size limit hit by a flood of output; already reported
                 pass
         try:
-            os.write(w, json.dumps(result).encode()[: 1 << 16])
+            os.write(w, json.dumps(result).encode()[:RESULT_CAP])
         finally:
             os._exit(0)
     os.close(w)
@@ -210,9 +243,10 @@ def _fork_limited(limits, base_vm, seccomp, body):
 
 
 def _wait(pid, r, deadline):
-    """Wait for the child until `deadline`; kill its whole process group on time-out."""
+    """Wait for the child until `deadline`; kill its whole process group on time-out or when it sends more than
+    RESULT_CAP bytes. Returns (status, timed_out, result dict or None)."""
     # The child holds the pipe's write end until it exits: EOF on it means the job is over.
-    timed_out, data = False, b""
+    timed_out, flooded, data = False, False, b""
     while True:
         ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
@@ -222,8 +256,11 @@ def _wait(pid, r, deadline):
         if not chunk:
             break
         data += chunk
+        if len(data) > RESULT_CAP:
+            flooded = True
+            break
     os.close(r)
-    if timed_out:
+    if timed_out or flooded:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -233,7 +270,16 @@ def _wait(pid, r, deadline):
         os.killpg(pid, signal.SIGKILL)  # nothing of the job may outlive it
     except (ProcessLookupError, PermissionError):
         pass
-    return status, timed_out, (json.loads(data) if data else None)
+    if not data:
+        return status, timed_out, None
+    # The job's own code can write this pipe too: whatever it sent, an object with a text `error` or nothing.
+    try:
+        result = None if flooded else json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested brackets
+        result = None
+    if not isinstance(result, dict) or not isinstance(result.get("error"), (str, type(None))):
+        result = {"error": "the job's result could not be read (garbled or oversized)"}
+    return status, timed_out, result
 
 
 def _death_reason(status, timed_out, limits):
@@ -262,13 +308,18 @@ def run_job(job, limits, base_vm, seccomp):
     pid, r = _fork_limited(limits, base_vm, seccomp, execute)
     status, timed_out, result = _wait(pid, r, time.monotonic() + limits["wall_time_s"])
     exec_ms = (time.perf_counter() - started) * 1000
-    error = result["error"] if result is not None else _death_reason(status, timed_out, limits)
+    try:
+        os.chmod(JOB_DIR, 0o700)  # the job owns /job and may have locked the worker out of it
+    except OSError:
+        pass
+    error = result.get("error") if result is not None else _death_reason(status, timed_out, limits)
     if result is not None and isinstance(error, str) and error.startswith("MemoryError"):
         error = f"{error} (memory limit {limits['memory_mb']} MB)"
     stdout = _read_capped(os.path.join(JOB_DIR, "stdout.txt"), limits["max_output_bytes"])
     stderr = _read_capped(os.path.join(JOB_DIR, "stderr.txt"), limits["max_output_bytes"])
 
-    written = sorted(n for n in os.listdir(JOB_DIR) if n.lower().endswith(IMAGE_EXTS) and n not in inputs)
+    written = sorted(n for n in os.listdir(JOB_DIR) if is_output_name(n) and n not in inputs
+                     and stat.S_ISREG(os.lstat(os.path.join(JOB_DIR, n)).st_mode))  # no links, no folders
 
     def check_images():
         # A fresh child decodes the outputs, so the host only ever receives images proven to decode.
@@ -295,7 +346,7 @@ def run_job(job, limits, base_vm, seccomp):
         pid, r = _fork_limited(limits, base_vm, seccomp, check_images)
         status, timed_out, checked = _wait(pid, r, time.monotonic() + limits["wall_time_s"])
         if checked is not None and checked.get("error") is None:
-            images, problems = checked["images"], checked["problems"]
+            images, problems = checked.get("images") or [], checked.get("problems") or []
         else:
             problems = ["output images could not be checked: "
                         + ((checked or {}).get("error") or _death_reason(status, timed_out, limits))]
@@ -361,17 +412,23 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as PID 1, only handled signals could reach the worker
     drop_privileges(config["uid"])
     base_vm = vm_size_bytes()
+    # The protocol moves off fds 0/1 (each job child closes everything above 2 but its own result pipe).
+    requests = os.fdopen(os.dup(0), "r")
     proto_out = os.fdopen(os.dup(1), "w", buffering=1)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     os.dup2(2, 1)  # stray prints of the worker itself must not corrupt the protocol stream
     layers = probe_layers(config.get("canaries", []), seccomp)
     proto_out.write(json.dumps({"ready": True, "layers": layers, "pid": os.getpid()}) + "\n")
-    for line in sys.stdin:
+    for line in requests:
         job = json.loads(line)
         try:
             result = run_job(job, limits, base_vm, seccomp)
         except Exception as exc:  # a worker fault must reach the host as a result, not as silence
             result = {"ok": False, "error": f"sandbox worker fault: {type(exc).__name__}: {exc}", "stdout": "",
                       "stderr": "", "images": [], "warnings": [], "exec_ms": 0.0, "total_ms": 0.0, "fault": True}
+        result["id"] = job.get("id")  # ties the reply to its request: the host drops a worker whose id is off
         proto_out.write(json.dumps(result) + "\n")
 
 
