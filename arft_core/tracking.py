@@ -2,6 +2,11 @@
 the content hashes (DVC's md5 scheme) of the stage's inputs, with params logged from the typed config.
 
 Stages run as separate processes under `dvc repro`; the pipeline passes its parent run id in ARFT_PARENT_RUN_ID.
+
+A local SQLite store is shared by those processes: one that finds it locked by another waits (SQLite's busy handler,
+which retries with growing sleeps) for up to `LOCK_TIMEOUT_S` seconds, or ARFT_TRACKING_LOCK_TIMEOUT_S; a lock held
+longer, or a corrupted store file, is a `TrackingStoreError` naming the file. Server and PostgreSQL stores are left
+to MLflow.
 """
 
 from __future__ import annotations
@@ -9,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sqlite3
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import yaml
 
@@ -20,6 +28,121 @@ from arft_core.config import Config
 
 PARENT_RUN_ENV = "ARFT_PARENT_RUN_ID"
 _IGNORED = ("__pycache__",)
+# How long a call waits on a SQLite store another process holds locked (a long write, a stuck process) before
+# failing. Stages of one pipeline write briefly; a minute absorbs contention without hiding a stuck holder for long.
+LOCK_TIMEOUT_S = 60.0
+LOCK_TIMEOUT_ENV = "ARFT_TRACKING_LOCK_TIMEOUT_S"
+_SQLITE = "sqlite:///"
+_BUSY_PRAGMA = re.compile(r"\s*PRAGMA\s+busy_timeout\s*=", re.IGNORECASE)
+_STORES: set[str] = set()  # database paths of the SQLite stores given the lock budget
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow store cannot be used: a SQLite file locked for too long, or corrupted. Names the file."""
+
+
+def lock_timeout_s() -> float:
+    """The lock wait budget: ARFT_TRACKING_LOCK_TIMEOUT_S when set, else `LOCK_TIMEOUT_S`."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV)
+    if not value:
+        return LOCK_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise TrackingStoreError(f"{LOCK_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+    if seconds < 0:
+        raise TrackingStoreError(f"{LOCK_TIMEOUT_ENV}={value!r} must be >= 0")
+    return seconds
+
+
+def _store_path(uri: str) -> str:
+    return uri[len(_SQLITE):].split("?", 1)[0]
+
+
+def _busy_timeout_sql() -> str:
+    return f"PRAGMA busy_timeout = {int(lock_timeout_s() * 1000)}"
+
+
+def _is_store(conn: Any) -> bool:
+    return conn.dialect.name == "sqlite" and conn.engine.url.database in _STORES
+
+
+def _set_busy_timeout(conn: Any) -> None:
+    # Without it a connection gets sqlite3's default of 5 s, as MLflow's store creation (table check, migrations)
+    # does. Set at each connect (a checkout) so that the budget read now applies to pooled connections too.
+    if _is_store(conn):
+        conn.connection.dbapi_connection.execute(_busy_timeout_sql())
+
+
+def _replace_busy_timeout(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> tuple[str, Any]:
+    # MLflow 3.17 starts every store session with its own `PRAGMA busy_timeout = 20000;` (mlflow/store/db/utils.py);
+    # the budget takes its place.
+    if _BUSY_PRAGMA.match(statement) and _is_store(conn):
+        return _busy_timeout_sql(), parameters
+    return statement, parameters
+
+
+def _use_lock_budget(uri: str) -> None:
+    """Make MLflow's connections to the SQLite store at `uri` wait out another process's lock for the budget:
+    SQLite's busy handler retries with growing sleeps (up to 100 ms apart) until the budget is spent.
+
+    MLflow builds its engines itself, so listeners on the Engine class, limited to the stores registered here, are
+    the hooks that reach them. `?timeout=` in the URI works for store creation too, but the URI is exported to
+    every stage process and recorded, and MLflow's per-session pragma would still override it.
+    """
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    lock_timeout_s()  # a bad ARFT_TRACKING_LOCK_TIMEOUT_S fails here, not inside an engine event
+    _STORES.add(_store_path(uri))
+    if not event.contains(Engine, "engine_connect", _set_busy_timeout):
+        event.listen(Engine, "engine_connect", _set_busy_timeout)
+    if not event.contains(Engine, "before_cursor_execute", _replace_busy_timeout):
+        event.listen(Engine, "before_cursor_execute", _replace_busy_timeout, retval=True)
+
+
+def _sqlite_errors(exc: BaseException) -> Iterator[sqlite3.Error]:
+    """The sqlite3 errors behind `exc`: MLflow wraps SQLAlchemy's error, which wraps sqlite3's."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, sqlite3.Error):
+            yield e
+        orig = getattr(e, "orig", None)  # sqlalchemy.exc.DBAPIError
+        todo += [e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None]
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Turn a locked or corrupted SQLite store behind the current tracking URI into a `TrackingStoreError` naming
+    the file; any other error, and any other kind of store, passes through unchanged."""
+    import mlflow
+
+    try:
+        yield
+    except TrackingStoreError:
+        raise
+    except Exception as exc:
+        uri = mlflow.get_tracking_uri()
+        if not uri.startswith(_SQLITE):
+            raise
+        path = Path(_store_path(uri))
+        for err in _sqlite_errors(exc):
+            text = str(err)
+            if isinstance(err, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+                raise TrackingStoreError(
+                    f"MLflow store {path} is locked: another process holds a lock on it and did not release it "
+                    f"within {lock_timeout_s():g} s ({text}). Find it with `fuser {path}` and let it finish or "
+                    f"stop it, or raise {LOCK_TIMEOUT_ENV}.") from exc
+            if "not a database" in text or "malformed" in text or "corrupt" in text:
+                raise TrackingStoreError(
+                    f"MLflow store {path} is corrupted ({text}): restore it from a backup, or move it away; a fresh "
+                    f"store is created on the next run (without the runs recorded in the old one).") from exc
+        raise
 
 
 def configure(cfg: Config) -> str:
@@ -27,16 +150,19 @@ def configure(cfg: Config) -> str:
     import mlflow
 
     uri = cfg.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith(_SQLITE):
+        Path(uri[len(_SQLITE):]).parent.mkdir(parents=True, exist_ok=True)
+        _use_lock_budget(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
-        # A local store gets an explicit artifact folder under the project, not ./mlruns of the caller's cwd.
-        location = None
-        if uri.startswith("sqlite:"):
-            location = (cfg.root / cfg.tracking.artifact_location).resolve().as_uri()
-        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
-    mlflow.set_experiment(cfg.tracking.experiment)
+    # The first call opens the store (MLflow creates or migrates its tables there): a bad file fails here.
+    with store_errors():
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            # A local store gets an explicit artifact folder under the project, not ./mlruns of the caller's cwd.
+            location = None
+            if uri.startswith("sqlite:"):
+                location = (cfg.root / cfg.tracking.artifact_location).resolve().as_uri()
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        mlflow.set_experiment(cfg.tracking.experiment)
     return uri
 
 
@@ -111,7 +237,34 @@ def log_metrics(metrics: dict, step: int | None = None, prefix: str = "") -> Non
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             flat[f"{prefix}{k}".replace("/", ".")] = float(v)
     if flat:
-        mlflow.log_metrics(flat, step=step)
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(_SQLITE):
+            _use_lock_budget(uri)  # a process that set the URI itself (a training rank) gets the budget too
+        with store_errors():
+            mlflow.log_metrics(flat, step=step)
+
+
+@contextmanager
+def _start_run(**kwargs) -> Iterator:
+    """`mlflow.start_run`, except that an interruption (Ctrl-C, SIGTERM as the CLI or Prefect raise it: anything
+    that is not an Exception) ends the run KILLED instead of FAILED, so a stopped run is told from a broken one."""
+    import mlflow
+
+    # Store faults at the run's start and end become TrackingStoreErrors; the body's own errors pass through as
+    # they are (a stage's "database is locked" from another SQLite file must not be blamed on the MLflow store).
+    with store_errors():
+        run = mlflow.start_run(**kwargs)
+    exc_info: tuple[Any, Any, Any] = (None, None, None)
+    try:
+        yield run
+    except BaseException:
+        exc_info = sys.exc_info()
+        raise
+    finally:
+        with store_errors():
+            if exc_info[0] is not None and not issubclass(exc_info[0], Exception):
+                mlflow.end_run("KILLED")
+            run.__exit__(*exc_info)  # ends it FINISHED, or FAILED after an error; a no-op once ended KILLED
 
 
 @contextmanager
@@ -120,8 +273,9 @@ def pipeline_run(cfg: Config) -> Iterator:
     import mlflow
 
     configure(cfg)
-    with mlflow.start_run(run_name="pipeline", tags={"arft.stage": "pipeline", **git_tags(cfg.root)}) as run:
-        mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+    with _start_run(run_name="pipeline", tags={"arft.stage": "pipeline", **git_tags(cfg.root)}) as run:
+        with store_errors():
+            mlflow.log_params(flatten(cfg.model_dump(mode="json")))
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:
@@ -143,7 +297,8 @@ def stage_run(cfg: Config, stage: str, sections: list[str]) -> Iterator:
     tags.update({f"dvc.input.{path}": h for path, h in input_hashes(cfg.root, stage).items()})
     dumped = cfg.model_dump(mode="json")
     # System metrics (CPU, memory, GPU when present) for the long-running stages.
-    with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags=tags,
-                          log_system_metrics=stage in ("train", "evaluate")) as run:
-        mlflow.log_params(flatten({s: dumped[s] for s in sections}))
+    with _start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags=tags,
+                    log_system_metrics=stage in ("train", "evaluate")) as run:
+        with store_errors():
+            mlflow.log_params(flatten({s: dumped[s] for s in sections}))
         yield run

@@ -1,5 +1,6 @@
-"""Real servers on loopback for the team-stack tests: PostgreSQL (Debian's packages) with `mlflow server` on top,
-and `prefect server start`. Each is started as its own process and stopped afterwards."""
+"""Real servers on loopback for the tests: PostgreSQL (Debian's packages) with `mlflow server` on top, and
+`prefect server start`, each started as its own process and stopped afterwards; and `loopback_http`, an in-process
+HTTP server that records what it receives and answers as scripted (fake web APIs)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -127,3 +132,63 @@ def prefect_server(home: Path) -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+@dataclass
+class Recorded:
+    """One request a `loopback_http` server received; header names lowercased."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class LoopbackHTTP:
+    url: str  # http://127.0.0.1:PORT, no trailing slash
+    requests: list[Recorded] = field(default_factory=list)
+
+
+# What a `loopback_http` server answers: (status, headers, body).
+Respond = Callable[[Recorded], tuple[int, dict[str, str], bytes]]
+
+
+@contextmanager
+def loopback_http(respond: Respond) -> Iterator[LoopbackHTTP]:
+    """A threaded HTTP server on a free loopback port that records every request (any method) and answers with
+    `respond(request)`; stopped afterwards."""
+    server_state: LoopbackHTTP
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            request = Recorded(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                               self.rfile.read(length) if length else b"")
+            server_state.requests.append(request)  # list.append is atomic: safe across handler threads
+            status, headers, body = respond(request)
+            try:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up
+                pass
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server_state = LoopbackHTTP(url=f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_state
+    finally:
+        server.shutdown()
+        server.server_close()

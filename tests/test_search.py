@@ -20,6 +20,7 @@ from arft_core.search import SearchBackend, SearchError, SearchResult, format_in
 from arft_core.search.cache import CachedSearch, SearchCache
 from arft_core.search.local import LocalSearch, build_index, build_wiki_corpus, ensure_index, index_meta
 from arft_core.search.web import BraveSearch, SerperSearch, TokenBucket, _parse_retry_after
+from servers import Recorded, loopback_http
 
 KEY = "sk-test-7f3a9c1e5b2d4680"  # a fake key; the point is that it never leaks
 
@@ -309,7 +310,8 @@ def test_missing_key_names_the_variable(api: FakeAPI, monkeypatch):
         BraveSearch(web_cfg(api)).search("q", 4)
     monkeypatch.setenv("MY_SERPER", KEY)
     backend = SerperSearch(web_cfg(api, api_key_env={"serper": "MY_SERPER"}))
-    assert backend.search("q", 4) == []  # the default reply has no `organic`: empty, not a crash
+    api.default = Reply(200, {"searchParameters": {"q": "q"}})
+    assert backend.search("q", 4) == []  # an answer without `organic`: empty, not a crash
     assert api.requests[-1]["headers"]["x-api-key"] == KEY and "MY_SERPER" in repr(backend)
 
 
@@ -341,6 +343,108 @@ def test_connection_refused_is_retried(monkeypatch, caplog):
         backend.search("q", 4)
     assert backend.attempts == 3
     assert_no_key(caplog, str(exc.value))
+
+
+# --- web: redirects and malformed answers (issue 13) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("backend_name", ["serper", "brave"])
+def test_redirect_to_another_origin_never_gets_the_key(monkeypatch, tmp_path: Path, backend_name: str, code: int):
+    """Port A answers every request with a redirect to port B, which answers like a healthy API. The key must never
+    reach B (B gets no request at all), the call fails naming the status and Location, and nothing is cached."""
+    monkeypatch.setenv(f"{backend_name.upper()}_API_KEY", KEY)
+    good = json.dumps(SERPER_OK if backend_name == "serper" else BRAVE_OK).encode()
+    with loopback_http(lambda req: (200, {"Content-Type": "application/json"}, good)) as b:
+        target = f"{b.url}/search?from=a"
+
+        def redirect(req: Recorded) -> tuple[int, dict[str, str], bytes]:
+            return code, {"Location": target}, b""
+
+        with loopback_http(redirect) as a:
+            cfg = SearchConfig(backend=backend_name, serper_url=f"{a.url}/search", brave_url=f"{a.url}/search",
+                               mode="record", cache_path="cache.sqlite", retries=3, backoff_s=0.01, timeout_s=2.0)
+            backend = make_backend(cfg, tmp_path)
+            with pytest.raises(SearchError) as exc:
+                backend.search("eiffel tower", 2)
+    message = str(exc.value)
+    assert f"HTTP {code}" in message and target in message and "not followed" in message
+    assert KEY not in message
+    assert len(a.requests) == 1  # a redirect is not retried
+    assert b.requests == []      # B never heard from the client, let alone saw the key
+    assert isinstance(backend, CachedSearch)
+    assert len(backend.cache) == 0 and backend.cache.get(backend_name, "eiffel tower", 2) is None
+    assert backend.stats.backend_calls == 0
+
+
+def test_redirect_location_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("SERPER_API_KEY", KEY)
+    with loopback_http(lambda req: (302, {"Location": f"http://evil.invalid/?k={KEY}"}, b"")) as a:
+        with pytest.raises(SearchError, match="HTTP 302") as exc:
+            SerperSearch(SearchConfig(serper_url=f"{a.url}/search")).search("q", 2)
+    assert KEY not in str(exc.value) and "k=***" in str(exc.value)
+
+
+SERPER_GARBAGE = [Reply(200, "<html><body>Service temporarily unavailable</body></html>"), Reply(200, ""),
+                  Reply(200, "[1, 2, 3]"), Reply(200, '"organic"'), Reply(200, {"organic": {"title": "x"}}),
+                  Reply(200, {}), Reply(200, {"message": "quota"})]
+BRAVE_GARBAGE = [Reply(200, "{truncated"), Reply(200, "null"), Reply(200, {"web": []}),
+                 Reply(200, {"web": {"results": {"a": 1}}}), Reply(200, {"status": "ok"})]
+
+
+@pytest.mark.parametrize("backend_name, garbage, good, expected", [
+    ("serper", SERPER_GARBAGE, SERPER_OK, "The tower is 330 metres tall."),
+    ("brave", BRAVE_GARBAGE, BRAVE_OK, "It is 330 m tall & made of iron."),
+])
+def test_malformed_answers_are_retried_then_the_good_one_is_cached(api: FakeAPI, monkeypatch, caplog, tmp_path: Path,
+                                                                   backend_name, garbage, good, expected):
+    monkeypatch.setenv(f"{backend_name.upper()}_API_KEY", KEY)
+    api.script = [*garbage, Reply(200, good)]
+    sleep = RecordingSleep()
+    cls = SerperSearch if backend_name == "serper" else BraveSearch
+    backend = cls(web_cfg(api, retries=len(garbage), backoff_s=0.001), sleep=sleep)
+    cached = CachedSearch(backend, SearchCache(tmp_path / "c.sqlite"), "record")
+    caplog.set_level(logging.WARNING, logger="arft_core.search")
+    results = cached.search("eiffel", 2)
+    assert results[0].snippet == expected
+    assert backend.attempts == len(garbage) + 1 == len(api.requests)
+    # The same exponential backoff as for a 5xx: backoff_s * 2**attempt, jitter up to +25%.
+    assert len(sleep.calls) == len(garbage)
+    for attempt, delay in enumerate(sleep.calls):
+        assert 0.001 * 2 ** attempt <= delay <= 0.001 * 2 ** attempt * 1.25
+    assert all("malformed response" in r.getMessage() for r in caplog.records)
+    assert len(caplog.records) == len(garbage)
+    assert len(cached.cache) == 1 and cached.cache.get(backend_name, "eiffel", 2) == results
+
+
+@pytest.mark.parametrize("backend_name", ["serper", "brave"])
+def test_malformed_answers_forever_fail_clearly_and_cache_nothing(api: FakeAPI, monkeypatch, caplog, tmp_path: Path,
+                                                                 backend_name):
+    monkeypatch.setenv(f"{backend_name.upper()}_API_KEY", KEY)
+    api.default = Reply(200, f"<html>gateway error, key {KEY}</html>")
+    cls = SerperSearch if backend_name == "serper" else BraveSearch
+    backend = cls(web_cfg(api, retries=2, backoff_s=0.001))
+    cached = CachedSearch(backend, SearchCache(tmp_path / "c.sqlite"), "record")
+    caplog.set_level(logging.WARNING, logger="arft_core.search")
+    with pytest.raises(SearchError, match=r"after 3 attempts for query 'eiffel': malformed response: not JSON "
+                                          r"\('<html>gateway error, key \*\*\*</html>'\)") as exc:
+        cached.search("eiffel", 2)
+    assert backend.attempts == 3 and len(caplog.records) == 2
+    assert len(cached.cache) == 0 and cached.stats.backend_calls == 0
+    assert_no_key(caplog, str(exc.value), repr(exc.value))
+
+    api.default = Reply(200, {"organic": "not a list"})  # JSON, but not Serper's / Brave's answer
+    with pytest.raises(SearchError, match="malformed response: `(organic|web.results)` is not a list|none of"):
+        cached.search("eiffel", 2)
+    assert len(cached.cache) == 0
+
+
+def test_cache_refuses_non_answers(tmp_path: Path):
+    cache = SearchCache(tmp_path / "c.sqlite")
+    for bad in (None, {"organic": []}, [{"title": "t"}], "text"):
+        with pytest.raises(SearchError, match="not cached"):
+            cache.put("serper", "q", 2, bad)  # type: ignore[arg-type]
+    cache.put("serper", "q", 2, [])  # no results is an answer
+    assert len(cache) == 1 and cache.get("serper", "q", 2) == []
 
 
 def test_token_bucket_limits_a_burst(api: FakeAPI, monkeypatch):

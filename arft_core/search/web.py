@@ -2,12 +2,15 @@
 
 Shared behaviour (spec §5.3 lists what the paper's tool lacked): the API key is read from the environment at call
 time and never appears in exceptions, log records or reprs; a per-request timeout; retries with exponential,
-jittered backoff on 429 / 5xx / timeouts / connection errors (honouring `Retry-After`), none on other 4xx; and a
-thread-safe token bucket shared by every call of one backend instance.
+jittered backoff on 429 / 5xx / timeouts / connection errors / malformed answers (not JSON, or JSON that is not
+the API's answer), honouring `Retry-After`, none on other 4xx; redirects are never followed (the key header would go
+to wherever the Location points), a 3xx is an error; and a thread-safe token bucket shared by every call of one
+backend instance.
 """
 
 from __future__ import annotations
 
+import email.message
 import email.utils
 import html
 import http.client
@@ -25,7 +28,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import IO, Any
 
 from arft_core.config import SearchConfig
 from arft_core.search import SearchError, SearchResult
@@ -35,7 +38,21 @@ log = logging.getLogger(__name__)
 # A server may ask for any Retry-After; past this the caller is better served by an error than by a stalled run.
 MAX_RETRY_AFTER_S = 60.0
 _ERROR_BODY_CHARS = 200
+_BODY_PREVIEW_CHARS = 80
 _TAG = re.compile(r"<[^>]+>")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: urllib would resend the request's headers, the API key among them, to the new
+    Location, whatever its host. The 3xx then reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: email.message.Message, newurl: str) -> urllib.request.Request | None:
+        return None
+
+
+# One opener for all backends: urlopen's default handlers (proxies from the environment included), minus redirects.
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 class TokenBucket:
@@ -111,6 +128,11 @@ def _parse_retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+def _preview(body: bytes, key: _Secret) -> str:
+    text = key.scrub(body[:_BODY_PREVIEW_CHARS].decode("utf-8", "replace")).strip()
+    return repr(text) if text else "an empty body"
+
+
 def _clean(text: Any) -> str:
     """Plain text from an API string field (Brave marks matches with <strong> and escapes entities)."""
     return html.unescape(_TAG.sub("", text)).strip() if isinstance(text, str) else ""
@@ -144,7 +166,11 @@ class _WebSearch(ABC):
         ...
 
     @abstractmethod
-    def _parse(self, payload: Any) -> list[SearchResult]:
+    def _shape_error(self, payload: Any) -> str | None:
+        """Why `payload` (decoded JSON) is not this API's answer, or None when it is one `_parse` can read."""
+
+    @abstractmethod
+    def _parse(self, payload: dict[str, Any]) -> list[SearchResult]:
         ...
 
     # -- shared behaviour -----------------------------------------------------------------------------------------
@@ -155,12 +181,12 @@ class _WebSearch(ABC):
             raise SearchError(f"{self.name} search needs an API key: set the environment variable {self.key_env}")
         return _Secret(value)
 
-    def _attempt(self, req: urllib.request.Request, key: _Secret) -> Any:
+    def _attempt(self, req: urllib.request.Request, key: _Secret) -> list[SearchResult]:
         self._bucket.acquire()
         with self._count_lock:
             self.attempts += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
+            with _OPENER.open(req, timeout=self.cfg.timeout_s) as resp:
                 body = resp.read()
         except urllib.error.HTTPError as e:
             try:
@@ -171,6 +197,11 @@ class _WebSearch(ABC):
                 e.close()
             if e.code == 429 or e.code >= 500:
                 raise _Retryable(f"HTTP {e.code}", _parse_retry_after(e.headers.get("Retry-After"))) from None
+            if 300 <= e.code < 400:
+                location = key.scrub(e.headers.get("Location") or "(no Location header)")
+                raise SearchError(f"{self.name} search failed: HTTP {e.code} redirect from {self._url()} to "
+                                  f"{location}; redirects are not followed, so that the API key is only ever sent "
+                                  f"to the configured URL (point the config at the final URL)") from None
             raise SearchError(f"{self.name} search failed: HTTP {e.code} {key.scrub(str(e.reason))}: {detail}") from None
         except (TimeoutError, socket.timeout):
             raise _Retryable(f"timed out after {self.cfg.timeout_s:g} s") from None
@@ -180,10 +211,15 @@ class _WebSearch(ABC):
             raise _Retryable(f"connection error: {key.scrub(str(e.reason))}") from None
         except (ConnectionError, http.client.HTTPException) as e:
             raise _Retryable(f"connection error: {key.scrub(type(e).__name__ + ': ' + str(e))}") from None
+        # A malformed answer (a proxy's error page, a truncated body) is as transient as a 5xx: retried the same way.
         try:
-            return json.loads(body)
+            payload = json.loads(body)
         except ValueError:
-            raise SearchError(f"{self.name} search failed: the response is not JSON") from None
+            raise _Retryable(f"malformed response: not JSON ({_preview(body, key)})") from None
+        problem = self._shape_error(payload)
+        if problem is not None:
+            raise _Retryable(f"malformed response: {problem} ({_preview(body, key)})")
+        return self._parse(payload)
 
     def search(self, query: str, k: int) -> list[SearchResult]:
         key = self._key()
@@ -191,7 +227,7 @@ class _WebSearch(ABC):
         tries = self.cfg.retries + 1
         for attempt in range(tries):
             try:
-                payload = self._attempt(req, key)
+                results = self._attempt(req, key)
             except _Retryable as e:
                 if attempt + 1 >= tries:
                     raise SearchError(f"{self.name} search failed after {tries} attempts for query {query!r}: "
@@ -202,9 +238,7 @@ class _WebSearch(ABC):
                             tries, e.reason, delay)
                 self._sleep(delay)
                 continue
-            if not isinstance(payload, dict):
-                raise SearchError(f"{self.name} search failed: unexpected response shape")
-            return self._parse(payload)[:k]
+            return results[:k]
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -221,7 +255,17 @@ class SerperSearch(_WebSearch):
             self._url(), data=json.dumps({"q": query, "num": k}).encode(), method="POST",
             headers={"X-API-KEY": key.reveal(), "Content-Type": "application/json", "Accept": "application/json"})
 
-    def _parse(self, payload: Any) -> list[SearchResult]:
+    def _shape_error(self, payload: Any) -> str | None:
+        # Every Serper answer echoes `searchParameters`; one without `organic` is a search with no results.
+        if not isinstance(payload, dict):
+            return f"expected a JSON object, got {type(payload).__name__}"
+        if "organic" not in payload and "searchParameters" not in payload:
+            return "a JSON object with neither `organic` nor `searchParameters`"
+        if not isinstance(payload.get("organic"), (list, type(None))):
+            return "`organic` is not a list"
+        return None
+
+    def _parse(self, payload: dict[str, Any]) -> list[SearchResult]:
         # The paper's tool raised on a missing `organic` key; no organic results is an empty answer.
         items = payload.get("organic") or []
         return [SearchResult(title=_clean(it.get("title")), snippet=_clean(it.get("snippet")),
@@ -241,7 +285,18 @@ class BraveSearch(_WebSearch):
         return urllib.request.Request(url, method="GET",
                                       headers={"X-Subscription-Token": key.reveal(), "Accept": "application/json"})
 
-    def _parse(self, payload: Any) -> list[SearchResult]:
+    def _shape_error(self, payload: Any) -> str | None:
+        # Every Brave answer has `type` and `query`; `web` is left out when there are no web results.
+        if not isinstance(payload, dict):
+            return f"expected a JSON object, got {type(payload).__name__}"
+        if not {"type", "query", "web"} & payload.keys():
+            return "a JSON object with none of `type`, `query`, `web`"
+        web = payload.get("web")
+        if web is not None and not (isinstance(web, dict) and isinstance(web.get("results"), (list, type(None)))):
+            return "`web.results` is not a list"
+        return None
+
+    def _parse(self, payload: dict[str, Any]) -> list[SearchResult]:
         web = payload.get("web")
         items = (web.get("results") if isinstance(web, dict) else None) or []
         return [SearchResult(title=_clean(it.get("title")), snippet=_clean(it.get("description")),
