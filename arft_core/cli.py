@@ -40,13 +40,14 @@ def _config(params: Optional[Path]):
 
 def _run_stage(stage: str, params: Optional[Path]) -> None:
     from arft_core.config import ConfigError
+    from arft_core.tracking import TrackingStoreError
     from arft_core.validation import ValidationFailed
     from flows.stages import STAGE_FLOWS
 
     _config(params)  # a config error ends here, in a second, before Prefect starts a server and a flow run
     try:
         summary = STAGE_FLOWS[stage](params=str(params) if params else None)
-    except (ConfigError, ValidationFailed, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ValidationFailed, FileNotFoundError, ValueError, TrackingStoreError) as exc:
         _fail(str(exc))
     console.print(f"[green]{stage} done[/]: {json.dumps(summary)}", highlight=False)
 

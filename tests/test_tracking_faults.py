@@ -168,3 +168,16 @@ def test_a_corrupted_store_names_the_file_and_the_way_out(cfg: Config, tmp_path:
     with pipeline_run(cfg):
         pass
     assert finished_runs(cfg) == ["FINISHED"] and db.is_file()
+
+
+def test_a_stage_command_on_a_corrupted_store_ends_with_the_clear_error(tmp_path: Path):
+    write_params(tmp_path)
+    (tmp_path / "tracking").mkdir()
+    (tmp_path / "tracking" / "mlflow.db").write_bytes(b"not a database " * 4096)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "arft_core.cli", "model"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    last = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and last, proc.stderr[-3000:]
+    assert f"MLflow store {tmp_path / 'tracking' / 'mlflow.db'} is corrupted" in last[-1]
+    assert not (tmp_path / "models").exists()  # no stage work before the store was found broken
