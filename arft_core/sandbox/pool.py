@@ -99,9 +99,9 @@ def map_placeholders(code: str, n_inputs: int) -> str:
     return _PLACEHOLDER.sub(replace, code)
 
 
-def valid_image_name(name: object) -> bool:
-    """A plain image file name inside the job folder: no `/`, no `..`, no NUL, not hidden, an image extension."""
-    return is_output_name(name)
+# A plain image file name inside the job folder (no `/`, `..`, NUL, not hidden, an image extension): the worker
+# lists its outputs by the same rule.
+valid_image_name = is_output_name
 
 
 def check_reply(reply: object, job_id: str, max_images: int) -> dict:
