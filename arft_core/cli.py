@@ -1,6 +1,8 @@
 """`arft`: one subcommand per pipeline stage, `arft pipeline` for the whole chain, and helpers.
 
-An interface module: it parses arguments and prints; the work is in arft_core.stages (via the Prefect flows).
+An interface module: it parses arguments and prints; the work is in arft_core.stages (via the Prefect flows). The
+stage commands are made from the stage registry (`arft_core.stages.STAGES`: each stage's command words and help);
+dvc.yaml's `cmd` of a stage is its command here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from arft_core.stages import STAGES, Stage
 
 app = typer.Typer(help="arft: Visual Agentic Reinforcement Fine-Tuning pipeline.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -39,50 +43,68 @@ def _config(params: Optional[Path]):
 
 
 def _run_stage(stage: str, params: Optional[Path]) -> None:
+    """Run a stage through its Prefect flow; a known failure is one clean error line (exit 1)."""
+    from mlflow.exceptions import MlflowException
+
     from arft_core.config import ConfigError
     from arft_core.tracking import TrackingStoreError
     from arft_core.validation import ValidationFailed
     from flows.stages import STAGE_FLOWS
 
-    _config(params)  # a config error ends here, in a second, before Prefect starts a server and a flow run
+    cfg = _config(params)  # a config error ends here, in a second, before Prefect starts a server and a flow run
     try:
         summary = STAGE_FLOWS[stage](params=str(params) if params else None)
-    except (ConfigError, ValidationFailed, FileNotFoundError, ValueError, TrackingStoreError) as exc:
-        _fail(str(exc))
+    except (ConfigError, ValidationFailed, FileNotFoundError, ValueError, TrackingStoreError, MlflowException) as exc:
+        _fail(str(exc))  # (MlflowException: e.g. promote before any candidate is registered)
     console.print(f"[green]{stage} done[/]: {json.dumps(summary)}", highlight=False)
+    report = STAGES[stage].report
+    if report:
+        typer.echo(cfg.path(report).read_text())
 
 
-def _stage_command(stage: str, help_text: str) -> None:
-    def command(params: Optional[Path] = ParamsOption) -> None:
-        _run_stage(stage, params)
-
-    command.__doc__ = help_text
-    app.command(name=stage)(command)
+def _stage_help(stage: Stage) -> str:
+    """A stage command's help: the stage function's docstring, naming the stage when the command is another word."""
+    suffix = "" if stage.command == (stage.name,) else f"\n\nThe `{stage.name}` stage of dvc.yaml."
+    return stage.help + suffix
 
 
-_stage_command("model", "Build the embedded base model (or reference the checkpoint in model.name_or_path).")
-_stage_command("validate", "Validate the manifests (Great Expectations); fails with a per-item report.")
-
-
-@app.command("train")
 def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Print the resolved train settings "
                                                "(preset applied) as YAML and exit."),
               params: Optional[Path] = ParamsOption) -> None:
-    """SFT cold start (optional), then GRPO with TRL's GRPOTrainer on the task's step samples."""
     if show_config:
         import yaml
 
         typer.echo(yaml.safe_dump({"train": _config(params).train.model_dump(mode="json")}, sort_keys=False))
         return
     _run_stage("train", params)
-_stage_command("evaluate", "Evaluate the trained policy: MAT-Coding, MAT-Search, multi-hop QA; agent and direct.")
-_stage_command("register", "Register the trained model in MLflow with its scores, data hashes, config and commit as "
-               "tags, and the candidate alias.")
+
+
+_WITH_OPTIONS = {"train": train_cmd}  # stage commands with options of their own; the rest take only -p
+
+
+def _stage_command(stage: Stage) -> None:
+    """`arft <stage.command>`: runs the stage's Prefect flow with the params file of `-p` (default: found)."""
+    def command(params: Optional[Path] = ParamsOption) -> None:
+        _run_stage(stage.name, params)
+
+    *group, name = stage.command
+    group_app = _GROUPS[group[0]] if group else app
+    group_app.command(name=name, help=_stage_help(stage))(_WITH_OPTIONS.get(stage.name, command))
+
+
+data_app = typer.Typer(help="Data generation and import.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+_GROUPS = {"data": data_app}  # command groups that stage commands live in (`arft data coding`)
+
+for _stage in STAGES.values():
+    _stage_command(_stage)
 
 
 @app.command()
 def pipeline(params: Optional[Path] = ParamsOption) -> None:
-    """Run the whole chain (dvc.yaml's stages in order, unchanged stages skipped) as one Prefect flow run."""
+    """Run the whole chain (dvc.yaml's stages in order, unchanged stages skipped) as one Prefect flow run. With a
+    params file other than the project's params.yaml, DVC cannot tell what changed: every stage runs, in this
+    process, and dvc.lock is left untouched."""
     from arft_core.config import ConfigError, load_config
     from flows.pipeline import StageFailed, pipeline_flow, prefect_api
     from flows.session import PipelineBusy, pipeline_session
@@ -91,7 +113,7 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
         cfg = load_config(params)
         with pipeline_session(cfg), prefect_api() as api:
             console.print(f"Prefect API: {api}", highlight=False)
-            result = pipeline_flow(params=str(cfg.root / "params.yaml"))
+            result = pipeline_flow(params=str(cfg.source))
     except (ConfigError, StageFailed, PipelineBusy) as exc:
         _fail(str(exc))
     uri = cfg.tracking_uri()
@@ -117,7 +139,7 @@ def retrain(params: Optional[Path] = ParamsOption) -> None:
     cfg = _config(params)
     try:
         with pipeline_session(cfg), prefect_api():
-            result = retrain_flow(params=str(cfg._source))
+            result = retrain_flow(params=str(cfg.source))
     except (ConfigError, StageFailed, PipelineBusy) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(result))
@@ -162,7 +184,7 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
 
     from arft_core.config import ConfigError, load_config
     from arft_core.search import SearchError
-    from arft_core.stages import open_search
+    from arft_core.stages.data import open_search
 
     try:
         cfg = load_config(params)
@@ -172,19 +194,6 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     except (ConfigError, SearchError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
-
-
-@app.command()
-def promote(params: Optional[Path] = ParamsOption) -> None:
-    """Move the champion alias to the candidate when it scores better by the configured margin (the `promote`
-    stage: the decision and both scores go to reports/promotion.json, the version's tags and an MLflow run)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        _run_stage("promote", params)
-    except MlflowException as exc:  # no candidate yet: say so
-        _fail(str(exc))
-    typer.echo(_config(params).path("promotion").read_text())
 
 
 @app.command()
@@ -205,7 +214,7 @@ def models(params: Optional[Path] = ParamsOption) -> None:
 @app.command("train-worker", hidden=True)
 def train_worker_cmd(params: Optional[Path] = ParamsOption) -> None:
     """One rank of `train.launcher: accelerate` (started by `accelerate launch`, not by hand)."""
-    from arft_core.stages import train_worker
+    from arft_core.stages.train import train_worker
 
     train_worker(_config(params))
 
@@ -264,14 +273,22 @@ def score(file: Path = typer.Argument(..., help="Prediction file: a JSON list of
     print(json.dumps(result))
 
 
-@app.command()
-def stages(params: Optional[Path] = ParamsOption) -> None:
-    """List the stages in the order the pipeline runs them (from dvc.yaml)."""
-    from arft_core.config import load_config
-    from arft_core.dag import stage_order
+@app.command("stages")
+def stages_cmd(write_deps: bool = typer.Option(False, "--write-deps", help="Rewrite each stage's code deps in "
+                                               "dvc.yaml from the import closure of its code (after moving or "
+                                               "adding modules; tests/test_dag.py fails until they match)."),
+               params: Optional[Path] = ParamsOption) -> None:
+    """List the stages in the order the pipeline runs them (from dvc.yaml), each with its command."""
+    from arft_core.dag import stage_order, write_code_deps
 
-    for name in stage_order(load_config(params).root):
-        console.print(name)
+    root = _config(params).root
+    if write_deps:
+        changed = write_code_deps(root, {name: stage.run for name, stage in STAGES.items()})
+        console.print(f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed else
+                      "dvc.yaml: code deps already match the code", highlight=False)
+        return
+    for name in stage_order(root):
+        console.print(f"{name:<13} {STAGES[name].cmd}", highlight=False)
 
 
 @app.command("config")
@@ -292,29 +309,6 @@ def show_config(params: Optional[Path] = ParamsOption,
     console.print(table)
 
 
-data_app = typer.Typer(help="Data generation and import.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-@data_app.command("coding")
-def data_coding(params: Optional[Path] = ParamsOption) -> None:
-    """Generate MAT-Coding train/test items with sandbox-verified teacher trajectories (the `data` stage)."""
-    _run_stage("data", params)
-
-
-@data_app.command("search")
-def data_search(params: Optional[Path] = ParamsOption) -> None:
-    """Import MAT-Search annotations (search_data.export, or the embedded sample) and build their step samples
-    with the search tool (the `search_data` stage)."""
-    _run_stage("search_data", params)
-
-
-@data_app.command("search-index")
-def data_search_index(params: Optional[Path] = ParamsOption) -> None:
-    """Build the local search index (the `search_index` stage)."""
-    _run_stage("search_index", params)
-
-
 @data_app.command("import-coding")
 def data_import_coding(
     manifest: Path = typer.Argument(..., help="The paper's MAT-Coding JSON (id, question, answers, "
@@ -327,7 +321,7 @@ def data_import_coding(
     are copied into OUT and validated with the same Great Expectations suite as generated data."""
     from arft_core.config import ConfigError, ValidationConfig, load_config
     from arft_core.data.importers import import_mat_coding
-    from arft_core.data.mat_coding import write_json_atomic
+    from arft_core.io import write_json_atomic
     from arft_core.validation import format_report, validate_manifests
 
     try:

@@ -8,8 +8,10 @@ values are coerced by type, so `2e-06` written by `dvc exp run -S` (a string to 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,7 +29,8 @@ SchedulerName = Literal["linear", "cosine", "cosine_with_restarts", "polynomial"
 # accuracy]; agent/grpo.TRAJECTORY_REWARDS: [format, answer]). Listed here because agent/grpo imports torch;
 # tests/test_config.py checks them against both.
 REWARD_FUNCS = {"step": ("format", "accuracy"), "agentic": ("format", "answer")}
-# `eval.<benchmark>.<mode>.<split>.<f1|em>` version tags (stages.score_tags); only the MAT benchmarks have splits.
+# `eval.<benchmark>.<mode>.<split>.<f1|em>` version tags (stages.release.score_tags); only the MAT benchmarks have
+# splits.
 METRIC_SPLITS = {"mat-coding": ("avg", "simple", "hard"), "mat-search": ("avg", "simple", "hard"),
                  "multihop": ("avg",)}
 
@@ -41,10 +44,9 @@ class FieldError(ValueError):
 
 
 def _corruption_names() -> list[str]:
-    """The degradations data generation can apply (data/corruptions.py), plus crop, which is a region question."""
-    from arft_core.data.corruptions import CORRUPTIONS  # imported late: it imports this module (and cv2, ~70 ms)
-
-    return [*CORRUPTIONS, "crop"]
+    """The labels a data type may use (protocol.PROBLEM_LABELS): the degradations data generation applies, plus
+    crop, which is a region question."""
+    return list(PROBLEM_LABELS)
 
 
 def _check_labels(labels: list[str], known: list[str] | tuple[str, ...], prefix: str = "") -> None:
@@ -178,7 +180,7 @@ class TeacherConfig(Section):
     @field_validator("min_psnr_gain_db")
     @classmethod
     def _photometric_keys(cls, v: dict[str, float]) -> dict[str, float]:
-        from arft_core.data.teacher import PHOTOMETRIC
+        from arft_core.protocol import PHOTOMETRIC
 
         for label in v:
             if label not in PHOTOMETRIC:
@@ -540,17 +542,6 @@ class PipelineConfig(Section):
     retry_delay_seconds: float = Field(5.0, description="Delay between retries.", ge=0)
 
 
-# The authors' effective training settings (spec §1.5, §4). Pinned, because today's TRL defaults differ (beta 0,
-# loss dapo, max completion 512). TRL counts batches in completions: 1 prompt x G=8 per device = 8 completions.
-PAPER_PRESET: dict[str, Any] = {
-    "num_generations": 8, "prompts_per_device": 1, "gradient_accumulation_steps": 2, "learning_rate": 1e-6,
-    "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0, "beta": 0.04, "loss_type": "grpo",
-    "max_completion_length": 256, "temperature": 1.0, "image_size": 720, "max_pixels": 401408, "min_pixels": 3136,
-    "gradient_checkpointing": True, "reward_variant": "paper", "reward_weights": [1.0, 1.0],
-    "sft": {"enabled": False},
-}
-
-
 class Config(Section):
     """The whole of params.yaml."""
 
@@ -560,8 +551,9 @@ class Config(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
     train_presets: dict[str, dict[str, Any]] = Field(
-        {"paper": PAPER_PRESET}, description="Named sets of `train` values; `train.preset` picks one, and its "
-        "values win over the `train` section's.")
+        {}, description="Named sets of `train` values; `train.preset` picks one, and its values win over the "
+        "`train` section's. params.yaml defines `paper`, the authors' effective settings (the one place they are "
+        "written).")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
@@ -571,9 +563,16 @@ class Config(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Scheduled retraining.")
 
-    # Set by load_config: the folder params.yaml lives in, and the file itself. Not params keys.
+    # Where the config comes from (load_config, from_dict): read them through `root` and `source`. Not params keys.
     _root: Path = Path(".")
     _source: Path | None = None
+
+    def __getattribute__(self, name: str) -> Any:
+        # Inside `sections_read()`, note each section the code reads: the check behind dvc.yaml's `params`.
+        reads = _SECTIONS_READ.get()
+        if reads is not None and name in _SECTION_NAMES:
+            reads.add(name)
+        return super().__getattribute__(name)
 
     @model_validator(mode="before")
     @classmethod
@@ -582,7 +581,7 @@ class Config(Section):
         if not isinstance(data, dict) or not isinstance(data.get("train"), dict) or not data["train"].get("preset"):
             return data
         name = data["train"]["preset"]
-        presets = data.get("train_presets", {"paper": PAPER_PRESET})
+        presets = data.get("train_presets", {})
         if not isinstance(presets, dict) or not isinstance(presets.get(name), dict):
             defined = ", ".join(presets) if isinstance(presets, dict) and presets else "none"
             raise FieldError("train.preset", f"unknown preset; train_presets defines: {defined}", name)
@@ -603,21 +602,56 @@ class Config(Section):
                 raise FieldError(f"{name}.{key}", message, value) from None
         return v
 
+    @classmethod
+    def from_dict(cls, data: dict, *, root: Path, source: Path | None = None) -> Config:
+        """Validate `data` as a config whose relative paths resolve against `root`; `source` is the params file
+        it was read from (None: built in code, or changed after reading)."""
+        cfg = cls.model_validate(data)
+        cfg._root, cfg._source = Path(root), source
+        return cfg
+
     @property
     def root(self) -> Path:
+        """The project folder: relative paths in the config resolve against it (the params file's folder)."""
         return self._root
+
+    @property
+    def source(self) -> Path | None:
+        """The params file this config was read from (None when it was built in code)."""
+        return self._source
+
+    @property
+    def dvc_tracks_params(self) -> bool:
+        """Whether DVC can tell what changed: only when this config was read from the project's params.yaml, the file
+        dvc.yaml's `params:` and `${...}` read. With another params file, dvc.lock describes other settings."""
+        return self.source is not None and self.source == self.root / PARAMS_FILE
 
     def path(self, name: str) -> Path:
         """Absolute path of `paths.<name>`."""
-        return self._root / getattr(self.paths, name)
+        return self.root / getattr(self.paths, name)
 
     def tracking_uri(self) -> str:
         """MLflow URI: the environment's MLFLOW_TRACKING_URI, else params with sqlite paths made absolute."""
         uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-            uri = prefix + str((self._root / uri[len(prefix):]).resolve())
+            uri = prefix + str((self.root / uri[len(prefix):]).resolve())
         return uri
+
+
+_SECTION_NAMES = frozenset(Config.model_fields)
+_SECTIONS_READ: ContextVar[set[str] | None] = ContextVar("arft_sections_read", default=None)
+
+
+@contextmanager
+def sections_read() -> Iterator[set[str]]:
+    """The params sections that code in this block reads through any `Config` (copies included)."""
+    reads: set[str] = set()
+    token = _SECTIONS_READ.set(reads)
+    try:
+        yield reads
+    finally:
+        _SECTIONS_READ.reset(token)
 
 
 class ConfigError(ValueError):
@@ -707,11 +741,9 @@ def load_config(params: str | Path | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     try:
-        cfg = Config.model_validate(raw)
+        cfg = Config.from_dict(raw, root=path.resolve().parent, source=path.resolve())
     except ValidationError as err:
         raise ConfigError(_format_errors(err, path)) from None
-    cfg._root = path.resolve().parent
-    cfg._source = path.resolve()
     errors = pipeline_errors(cfg)
     if errors:
         raise ConfigError("\n".join([f"{path}: invalid configuration", *(_error_line(*e) for e in errors)]))

@@ -1,9 +1,9 @@
 """Answer metrics as the paper scores them (spec §3.1, §6.1): set-based token F1 and EM, max over gold answers.
 
 `cjk=True` is the MAT-Coding notebook's Chinese handling, reproduced to the character: full-width punctuation is
-removed too; a text containing CJK ideographs (U+4E00-U+9FFF) loses its ASCII spaces and keeps its articles; and
-F1 is computed over characters whenever either side has such a character (so an English gold compared with a
-Chinese prediction keeps its spaces as tokens). Those details are what make Table 1 reproduce to two decimals.
+removed too; a text containing CJK ideographs (U+4E00-U+9FFF, `protocol.has_cjk`) loses its ASCII spaces and
+keeps its articles; and F1 is computed over characters whenever either side has such a character (so an English
+gold compared with a Chinese prediction keeps its spaces as tokens). Those details are what make Table 1 reproduce to two decimals.
 SQuAD's multiset F1 is reported beside the paper's set-based one.
 """
 
@@ -13,6 +13,8 @@ import re
 import string
 from collections import Counter
 
+from arft_core.protocol import has_cjk
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # Full-width and CJK punctuation the MAT-Coding scorer removes in addition to ASCII punctuation.
 _CJK_PUNCT = frozenset("！？｡＂＃＄％＆＇（）＊＋，－．／：；＜＝＞＠［＼］＾＿｀｛｜｝～“”‘’、。：《》【】")
@@ -21,10 +23,6 @@ _ASCII_PUNCT = frozenset(string.punctuation)
 BENCHMARKS = ("mat-coding", "mat-search", "multihop")
 # Positional Simple/Hard sizes the authors' notebooks use when items carry no split field (spec §5).
 POSITIONAL_SPLITS = {"mat-coding": 70, "mat-search": 75}
-
-
-def has_cjk(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 def normalize(text: str, cjk: bool = False) -> str:

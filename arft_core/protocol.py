@@ -51,7 +51,12 @@ ACTIONS = {"coding": ("problem", "code", "answer"), "search": ("search", "answer
 # Generation stops right after a closing action tag: the model cannot go on to write its own `<information>`
 # (the paper's harness had no stop sequences, spec §6.2).
 STOP_SEQUENCES = ("</answer>", "</search>", "</code>", "</problem>")
-PROBLEM_LABELS = ("rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none")
+# The image-problem labels: the one vocabulary of MAT-Coding corruption labels (an item's `type`, a `<problem>`
+# step), in the coding prompt's order. Data generation applies every label but crop to the pixels (crop is a
+# region question); the teacher, importers, validation, config checks and rewards all read these.
+ROTATIONS = ("rotation90", "rotation180")
+PHOTOMETRIC = ("dark", "overexposure", "blur", "noise")
+PROBLEM_LABELS = (*ROTATIONS, *PHOTOMETRIC, "crop", "none")
 DEFAULT_MAX_TURNS = 5  # the paper's cap on model calls per item (spec §6.2)
 
 # The direct-answer baselines' suffixes (spec §6.2): MAT benchmarks, and text multi-hop QA.
@@ -65,6 +70,19 @@ _TIPS_NONE = ("<tips> The image has no issues, so no code is needed in the next 
               "the answer. </tips>")
 _TIPS_FIX = ("<tips> Now that we have identified the issue in the image: {labels}, please proceed to address it by "
              "outputting the python code. </tips>")
+
+
+def has_cjk(text: str) -> bool:
+    """Whether `text` holds a CJK Unified Ideograph (U+4E00-U+9FFF): the one test of "Chinese text", for scoring
+    (metrics' `cjk=True`) and for data's `lang` ("zh"/"en").
+
+    The range is the authors' MAT-Coding notebook's, kept exactly because Table 1 reproduces from their released
+    predictions only with it. Data labelling uses the same range, not a wider one (Extension A U+3400-U+4DBF,
+    compatibility ideographs U+F900-U+FAFF), so an item is "zh" exactly when its text is scored as Chinese; real
+    Chinese text always contains basic-block ideographs, so the wider set would only relabel texts made of rare or
+    compatibility characters alone, which the metric scores as non-Chinese anyway.
+    """
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
 def system_prompt(task: str) -> str:

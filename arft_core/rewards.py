@@ -18,12 +18,11 @@ import re
 from typing import Callable
 
 from arft_core import metrics
-from arft_core.protocol import problem_labels
+from arft_core.protocol import ROTATIONS, problem_labels
 
 VARIANTS = ("paper", "corrected")
 PAPER_CODE_REWARD = 0.9
 SIMILARITY_FLOOR = 0.5
-_ROTATIONS = ("rotation90", "rotation180")
 
 _SEARCH_ANSWER = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 _SEARCH_QUERY = re.compile(r"<think>.*?</think>\s*<search>.*?</search>", re.DOTALL)
@@ -91,7 +90,7 @@ def problem_label_reward(completion: str, gold_labels: list[str]) -> float:
     gold = sorted(gold_labels)
     if pred == gold:
         return 1.0
-    if len(gold) == 2 and len(pred) == 1 and pred[0] in _ROTATIONS and pred[0] in gold:
+    if len(gold) == 2 and len(pred) == 1 and pred[0] in ROTATIONS and pred[0] in gold:
         return 0.5
     return 0.0
 

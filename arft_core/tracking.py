@@ -294,10 +294,13 @@ def stage_run(cfg: Config, stage: str, sections: list[str]) -> Iterator:
 
     configure(cfg)
     tags = {"arft.stage": stage, **git_tags(cfg.root)}
-    tags.update({f"dvc.input.{path}": h for path, h in input_hashes(cfg.root, stage).items()})
+    if cfg.dvc_tracks_params:  # with another params file, DVC's hashes (params.yaml, dvc.lock) describe other inputs
+        tags.update({f"dvc.input.{path}": h for path, h in input_hashes(cfg.root, stage).items()})
     dumped = cfg.model_dump(mode="json")
-    # System metrics (CPU, memory, GPU when present) for the long-running stages.
+    # System metrics (CPU, memory, GPU when present) for the long-running stages. Nested when the pipeline's run is
+    # active in this process (stages run in-process with a params file other than params.yaml).
     with _start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None, tags=tags,
+                    nested=mlflow.active_run() is not None,
                     log_system_metrics=stage in ("train", "evaluate")) as run:
         with store_errors():
             mlflow.log_params(flatten({s: dumped[s] for s in sections}))

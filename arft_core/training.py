@@ -251,7 +251,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
                          f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")
     dataset = build_step_dataset(load_step_rows(data_dir), data_dir, cfg.task, cfg.image_size)
     if agentic:
-        from arft_core.data.mat_coding import load_manifest
+        from arft_core.io import load_manifest
 
         rl_dataset = build_item_dataset(load_manifest(data_dir, "train"), data_dir, cfg.task, cfg.image_size)
     else:

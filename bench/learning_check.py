@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from arft_core.config import DataConfig, ModelConfig, SandboxConfig, TrainConfig
-from arft_core.data.mat_coding import generate, load_manifest, step_samples
+from arft_core.data.mat_coding import generate, step_samples
+from arft_core.io import load_manifest
 from arft_core.model.embedded import load_model, prepare_base_model
 from arft_core.rewards import make_reward_funcs, step_type
 from arft_core.sandbox import SandboxPool

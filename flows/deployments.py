@@ -9,23 +9,24 @@ from __future__ import annotations
 
 from arft_core.config import Config
 from flows.retrain import retrain_flow
-from flows.stages import evaluate_flow, train_flow
+from flows.stages import STAGE_FLOWS
 
 
 def build_deployments(cfg: Config) -> list[tuple[object, str]]:
     """(RunnerDeployment, work pool) pairs."""
     from prefect.client.schemas.schedules import CronSchedule
 
-    params = {"params": str(cfg._source)}
+    params = {"params": str(cfg.source)}
     r = cfg.retrain
     schedule = CronSchedule(cron=r.cron, timezone=r.timezone)
+    train, evaluate = STAGE_FLOWS["train"], STAGE_FLOWS["evaluate"]
     return [
         (retrain_flow.to_deployment(name="scheduled", schedule=schedule, parameters=params,
                                     description="Retrain when inputs changed; promote or not."), r.cpu_pool),
-        (train_flow.to_deployment(name="gpu", parameters=params,
-                                  description="The train stage (GRPO) on a GPU worker."), r.gpu_pool),
-        (evaluate_flow.to_deployment(name="cpu", parameters=params,
-                                     description="Evaluate a model on MAT and multi-hop QA."), r.cpu_pool),
+        (train.to_deployment(name="gpu", parameters=params, description="The train stage (GRPO) on a GPU worker."),
+         r.gpu_pool),
+        (evaluate.to_deployment(name="cpu", parameters=params,
+                                description="Evaluate a model on MAT and multi-hop QA."), r.cpu_pool),
     ]
 
 

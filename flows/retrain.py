@@ -1,6 +1,7 @@
 """Scheduled retraining: a run first asks what changed since the last one (`dvc status`, plus the MAT-Search
 annotation export, which lives outside DVC's graph). Nothing changed: it skips training and says so. Otherwise it
-runs the pipeline (train, evaluate, register, promote), then records the new dvc.lock."""
+runs the pipeline (train, evaluate, register, promote), then records the new dvc.lock. With a params file other than
+the project's params.yaml DVC cannot tell what changed: the run says so, runs every stage and records no dvc.lock."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from prefect import flow
 
 from arft_core.config import Config, load_config
 from arft_core.dag import changed_stages
-from arft_core.stages import annotation_changes
-from flows.pipeline import pipeline_flow
+from arft_core.stages.data import annotation_changes
+from flows.pipeline import pipeline_flow, untracked_notice
 
 SKIP_MESSAGE = "inputs unchanged since the last run: skipping training"
 
@@ -38,6 +39,10 @@ def record_lock(cfg: Config, run_id: str) -> str:
 def retrain_flow(params: str | None = None) -> dict:
     """Retrain when inputs changed (new annotations, params, code, data); skip when nothing did."""
     cfg = load_config(params)
+    if untracked_notice(cfg):  # DVC cannot compare: run the chain (it prints why), leave dvc.lock alone
+        result = pipeline_flow(params=str(cfg.source))
+        print(f"stages: {result['stages']}; dvc.lock not recorded (untouched)")
+        return {"skipped": False, "changes": {}, **result, "lock": None}
     changes = changed_stages(cfg.root)
     new_annotations = annotation_changes(cfg)
     if new_annotations:
@@ -47,7 +52,7 @@ def retrain_flow(params: str | None = None) -> dict:
         return {"skipped": True, "changes": {}}
     for stage, why in changes.items():
         print(f"changed: {stage}: {'; '.join(why)}")
-    result = pipeline_flow(params=str(cfg._source), force=["search_data"] if new_annotations else None)
+    result = pipeline_flow(params=str(cfg.source), force=["search_data"] if new_annotations else None)
     where = record_lock(cfg, result["mlflow_run_id"])
     print(f"stages: {result['stages']}; new dvc.lock recorded in {where}")
     return {"skipped": False, "changes": changes, **result, "lock": where}

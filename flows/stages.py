@@ -1,14 +1,20 @@
-"""One Prefect flow per pipeline stage; each loads params.yaml and calls the shared stage function."""
+"""One Prefect flow per pipeline stage, derived from the stage registry (`arft_core.stages.STAGES`): each loads the
+params file and calls the shared stage function through `run_stage`.
+
+A flow is named `arft-<stage with - for _>` and is a module attribute `<stage>_flow` (deployments load flows by that
+name). `evaluate_flow` is written out: it also takes the overrides of an ad-hoc evaluation (`arft eval`).
+"""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import Flow, flow
 
-from arft_core.config import load_config
-from arft_core.stages import eval_overrides, run_stage
+from arft_core.config import Config, load_config
+from arft_core.stages import STAGES, Stage, run_stage
+from arft_core.stages.evaluate import eval_overrides
 
 
-def _export_search_key(cfg) -> None:
+def _export_search_key(cfg: Config) -> None:
     """Web search keys come from the environment; when unset there, from the Prefect Secret block of the same
     name (lower-case, dashes), so that deployments need no key in their environment. Never logged."""
     import os
@@ -26,81 +32,34 @@ def _export_search_key(cfg) -> None:
         pass  # no such block: the backend reports the missing variable by name
 
 
-def _run(stage: str, params: str | None, cfg=None) -> dict:
+def run_in_flow(stage: str, params: str | None, cfg: Config | None = None) -> dict:
+    """Run a stage in the current Prefect flow run: load the params (unless `cfg` is given), fetch the web search key
+    for a stage that searches, then `run_stage`."""
     cfg = cfg or load_config(params)
-    if stage in ("search_data", "evaluate"):
+    if "search" in STAGES[stage].sections:
         _export_search_key(cfg)
     return run_stage(stage, cfg)
 
 
-@flow(name="arft-model", log_prints=True)
-def model_flow(params: str | None = None) -> dict:
-    """Build the embedded base model (or check and reference a real checkpoint)."""
-    return _run("model", params)
+def _stage_flow(stage: Stage) -> Flow:
+    def stage_flow(params: str | None = None) -> dict:
+        return run_in_flow(stage.name, params)
+
+    stage_flow.__name__ = stage_flow.__qualname__ = f"{stage.name}_flow"
+    stage_flow.__doc__ = stage.help
+    return flow(name=stage.flow_name, log_prints=True)(stage_flow)
 
 
-@flow(name="arft-data", log_prints=True)
-def data_flow(params: str | None = None) -> dict:
-    """Generate the MAT-Coding train/test manifests and images."""
-    return _run("data", params)
-
-
-@flow(name="arft-validate", log_prints=True)
-def validate_flow(params: str | None = None) -> dict:
-    """Validate the manifests with the Great Expectations suite; fails with a per-item report."""
-    return _run("validate", params)
-
-
-@flow(name="arft-train", log_prints=True)
-def train_flow(params: str | None = None) -> dict:
-    """GRPO-train the policy (TRL GRPOTrainer)."""
-    return _run("train", params)
-
-
-@flow(name="arft-evaluate", log_prints=True)
+@flow(name=STAGES["evaluate"].flow_name, log_prints=True, description=STAGES["evaluate"].help)
 def evaluate_flow(params: str | None = None, model: str | None = None, benchmarks: list[str] | None = None,
                   modes: list[str] | None = None, out: str | None = None, checkpoints: str | None = None) -> dict:
-    """Evaluate a model on MAT-Coding, MAT-Search and multi-hop QA, with tools and direct (F1/EM).
-
-    With no overrides this is the pipeline's stage (the trained model, outputs at the configured paths);
-    `checkpoints="all"` also evaluates every saved training checkpoint (one MLflow child run each).
-    """
+    """With no overrides this is the pipeline's stage (the trained model, outputs at the configured paths). An ad-hoc
+    evaluation sets another model (a folder or models:/NAME@ALIAS), benchmarks, modes, an output folder, or
+    `checkpoints="all"` to also evaluate every saved training checkpoint (one MLflow child run each)."""
     cfg = eval_overrides(load_config(params), model, benchmarks, modes, out, checkpoints)
-    return _run("evaluate", params, cfg)
+    return run_in_flow("evaluate", params, cfg)
 
 
-@flow(name="arft-register", log_prints=True)
-def register_flow(params: str | None = None) -> dict:
-    """Register the trained model in MLflow and set its alias."""
-    return _run("register", params)
-
-
-@flow(name="arft-promote", log_prints=True)
-def promote_flow(params: str | None = None) -> dict:
-    """Move the champion alias to the candidate when it scores better by the margin on the same evaluation."""
-    return _run("promote", params)
-
-
-@flow(name="arft-search-index", log_prints=True)
-def search_index_flow(params: str | None = None) -> dict:
-    """Build the local search index over the corpus."""
-    return _run("search_index", params)
-
-
-@flow(name="arft-search-data", log_prints=True)
-def search_data_flow(params: str | None = None) -> dict:
-    """Import MAT-Search annotations and build their step samples through the search cache."""
-    return _run("search_data", params)
-
-
-STAGE_FLOWS = {
-    "model": model_flow,
-    "data": data_flow,
-    "search_index": search_index_flow,
-    "search_data": search_data_flow,
-    "validate": validate_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-    "register": register_flow,
-    "promote": promote_flow,
-}
+STAGE_FLOWS: dict[str, Flow] = {name: evaluate_flow if name == "evaluate" else _stage_flow(stage)
+                                for name, stage in STAGES.items()}
+globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})  # model_flow, train_flow, ...

@@ -51,7 +51,8 @@ def copy_project(dest: Path, overrides: dict | None = None) -> Path:
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
+        # dvc.lock: a record of this workspace's own runs, never an input of a copy
+        if (ROOT / rel).is_file() and not rel.startswith("tests/") and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
     write_params(dest, overrides)

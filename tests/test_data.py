@@ -11,7 +11,9 @@ from PIL import Image
 from arft_core.config import CorruptionRanges, DataConfig
 from arft_core.data import corruptions, teacher
 from arft_core.data.contact_sheet import contact_sheet
-from arft_core.data.mat_coding import _quota, generate, level_types, load_manifest, step_samples
+from arft_core.data.mat_coding import _quota, generate, level_types, step_samples
+from arft_core.io import load_manifest
+from arft_core.protocol import PHOTOMETRIC, PROBLEM_LABELS
 from arft_core.sandbox import SandboxPool
 from conftest import SHARED
 
@@ -50,6 +52,11 @@ TYPES = [["rotation90"], ["rotation180"], ["dark"], ["overexposure"], ["blur"], 
          ["rotation180", "noise"], ["blur", "noise"], ["rotation90", "overexposure"], ["dark", "noise"]]
 
 
+def test_corruptions_and_teacher_cover_the_label_vocabulary():
+    assert list(corruptions.CORRUPTIONS) == [label for label in PROBLEM_LABELS if label != "crop"]
+    assert set(teacher.DESCRIPTIONS) == set(PROBLEM_LABELS)
+
+
 @pytest.mark.parametrize("labels", TYPES, ids=["+".join(t) for t in TYPES])
 def test_teacher_fix_restores_the_clean_image(pool, scene, tmp_path, labels):
     rng = np.random.default_rng(3)
@@ -61,7 +68,7 @@ def test_teacher_fix_restores_the_clean_image(pool, scene, tmp_path, labels):
     fixed = np.asarray(Image.open(result.images[0]).convert("RGB"))
     kept, reason, metrics = teacher.check_fix(labels, clean, corrupted, fixed, DataConfig().teacher.min_psnr_gain_db)
     assert kept, reason
-    if any(label in teacher.PHOTOMETRIC for label in labels):
+    if any(label in PHOTOMETRIC for label in labels):
         assert metrics["psnr_gain_db"] > 0.2  # measurably closer to the clean image than the corrupted one
     else:
         assert np.array_equal(fixed, clean)

@@ -194,6 +194,12 @@ def test_vqa_import_source(tmp_path: Path, vqa_images: Path) -> None:
     assert a.answers == [rows[int(a.source_id[1:])]["answers"][0]]
     assert len({source.sample(np.random.default_rng(s), s).source_id for s in range(50)}) == len(rows)
 
+    # `lang` is the scorer's notion of Chinese (protocol.has_cjk): a basic-block ideograph makes an item "zh".
+    zh = tmp_path / "zh.jsonl"
+    zh.write_text(json.dumps({"id": "z", "image": "red.png", "question": "什么颜色?", "answers": ["红"]}))
+    assert VqaImport(zh, vqa_images).sample(np.random.default_rng(0), 0).lang == "zh"
+    assert a.lang == "en"
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "image": "none.png", "question": "?", "answers": ["a"]}))
     with pytest.raises(ValueError, match=r"bad.jsonl: no valid row .*item x: field 'image'"):

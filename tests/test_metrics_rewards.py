@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from arft_core import metrics, rewards
-from arft_core.protocol import coding_prompt, extract_answer, is_answer_step, parse_step, problem_labels, tips
+from arft_core.protocol import (CODING_SYSTEM_PROMPT, PHOTOMETRIC, PROBLEM_LABELS, ROTATIONS, coding_prompt,
+                                extract_answer, has_cjk, is_answer_step, parse_step, problem_labels, tips)
 from conftest import SHARED
 
 RELEASED = SHARED / "released-predictions"
@@ -33,6 +34,20 @@ def test_cjk_character_level():
     assert metrics.normalize("The 发票", cjk=True) == "the发票"
     # Either side Chinese -> both compared by characters; the English side keeps its spaces as a token.
     assert metrics.f1("ab 中", "ab c", cjk=True) == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+
+
+def test_one_cjk_predicate_with_the_notebooks_range():
+    # The authors' range, U+4E00-U+9FFF, for scoring and data labelling alike (protocol.has_cjk).
+    assert has_cjk("ab 中") and has_cjk("\u4e00") and has_cjk("\u9fff")
+    assert not has_cjk("abc") and not has_cjk("\u3400") and not has_cjk("\uf900") and not has_cjk("，")
+    # Extension A alone is not Chinese to the scorer: word-level, spaces kept.
+    assert metrics.normalize("\u3400 \u3401", cjk=True) == "\u3400 \u3401"
+
+
+def test_one_label_vocabulary_in_the_prompts_order():
+    labels = "{" + ", ".join(f"'{label}'" for label in PROBLEM_LABELS) + "}"
+    assert f"Describe the image issue from {labels} </problem>" in CODING_SYSTEM_PROMPT
+    assert set(PROBLEM_LABELS) == {*ROTATIONS, *PHOTOMETRIC, "crop", "none"}
 
 
 @pytest.mark.parametrize("name, benchmark, expected", [

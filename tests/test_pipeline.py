@@ -90,6 +90,22 @@ def test_mlflow_has_parent_and_nested_stage_runs(pipeline_project):
     assert "data.n_train" in parent.data.params and "data.n_train" in children["data"].data.params
 
 
+def test_each_stage_reads_only_the_params_it_declares(pipeline_project):
+    """The sections a stage's code really read (recorded during the run) are among those dvc.yaml tracks for it;
+    `paths` is tracked through the stage's deps and outs instead."""
+    from arft_core.stages import STAGES
+
+    project, _ = pipeline_project
+    client = mlflow_client(project)
+    runs = client.search_runs([client.get_experiment_by_name("arft").experiment_id], "tags.`arft.stage` != 'pipeline'")
+    seen = {}
+    for run in runs:
+        read = set(filter(None, run.data.tags["arft.sections_read"].split(","))) - {"paths"}
+        seen[run.data.tags["arft.stage"]] = read
+        assert read <= set(STAGES[run.data.tags["arft.stage"]].sections), (run.data.tags["arft.stage"], read)
+    assert set(seen) == set(STAGES) and "model" in seen["train"] and "sandbox" in seen["data"]
+
+
 def test_registered_version_has_candidate_alias(pipeline_project):
     project, _ = pipeline_project
     client = mlflow_client(project)
@@ -129,6 +145,58 @@ def test_second_repro_does_nothing(pipeline_project):
     out = dvc("repro", cwd=project)
     assert stages_run(out) == []
     assert "Data and pipelines are up to date" in out
+
+
+def _status_after(project: Path, edit) -> set[str]:
+    """The stages `dvc status` lists after `edit()` (which returns a function that undoes it)."""
+    undo = edit()
+    try:
+        out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        undo()
+    return {name.rsplit(":", 1)[-1] for name in json.loads(out or "{}")}
+
+
+def _append_comment(path: Path):
+    before = path.read_bytes()
+    path.write_bytes(before + b"\n# an edit\n")
+    return lambda: path.write_bytes(before)
+
+
+def _set_param(project: Path, section: str, key: str, value):
+    path = project / "params.yaml"
+    before = path.read_bytes()
+    params = yaml.safe_load(before)
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return lambda: path.write_bytes(before)
+
+
+@pytest.mark.parametrize("rel,expected", [
+    ("arft_core/model/embedded.py", {"model", "train", "evaluate"}),
+    ("arft_core/metrics.py", {"train", "evaluate"}),
+    ("arft_core/config.py", set(STAGES)),
+    ("arft_core/sandbox/pool.py", {"data", "train", "evaluate"}),
+    ("arft_core/search/cache.py", {"search_data", "train", "evaluate"}),
+    ("arft_core/data/corruptions.py", {"data"}),
+])
+def test_editing_code_a_stage_imports_makes_it_stale(pipeline_project, rel, expected):
+    """Even a comment: DVC hashes the files, and dvc.yaml declares every file a stage's code imports."""
+    project, _ = pipeline_project
+    assert expected <= _status_after(project, lambda: _append_comment(project / rel))
+
+
+@pytest.mark.parametrize("section,key,value,expected,unaffected", [
+    ("model", "dtype", "bfloat16", {"train", "evaluate"}, {"data", "validate"}),
+    ("sandbox", "memory_mb", 777, {"data", "train", "evaluate"}, {"model", "validate"}),
+    ("eval", "batch_size", 3, {"evaluate"}, {"model", "data", "search_data", "validate", "train"}),
+])
+def test_changing_a_param_makes_exactly_its_readers_stale(pipeline_project, section, key, value, expected,
+                                                          unaffected):
+    project, _ = pipeline_project
+    stale = _status_after(project, lambda: _set_param(project, section, key, value))
+    assert expected <= stale and not (stale & unaffected), stale
 
 
 def test_dvc_push_and_pull_through_a_remote(pipeline_project, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from arft_core.config import PAPER_PRESET, Config, DataConfig, ModelConfig, TrainConfig
+from arft_core.config import Config, DataConfig, ModelConfig, TrainConfig
 from arft_core.data.mat_coding import generate
 from arft_core.evaluation import evaluate
 from arft_core.model.embedded import load_model, prepare_base_model
@@ -108,10 +108,9 @@ def test_grpo_updates_weights_and_logs_rewards(tiny, tmp_path):
     assert [r["step"] for r in rows] == ["1", "2"] and "rewards_length_reward_mean" in rows[0]
 
     # The trained weights go through the evaluation harness: both modes, the real sandbox for the agent.
-    cfg = Config.model_validate({"model": MODEL.model_dump(), "paths": {"mat_coding": "data"},
-                                 "eval": {"benchmarks": ["mat-coding"], "max_new_tokens": 4},
-                                 "agent": {"max_turns": 2}, "sandbox": {"workers": 1}})
-    cfg._root = tiny
+    cfg = Config.from_dict({"model": MODEL.model_dump(), "paths": {"mat_coding": "data"},
+                            "eval": {"benchmarks": ["mat-coding"], "max_new_tokens": 4},
+                            "agent": {"max_turns": 2}, "sandbox": {"workers": 1}}, root=tiny)
     scores, predictions, report = evaluate(out, cfg)
     assert scores["mat-coding"]["agent"]["avg"]["n"] == 3 and scores["mat-coding"]["direct"]["avg"]["n"] == 3
     rows = predictions["mat-coding.agent"]
@@ -133,7 +132,7 @@ def test_paper_preset_pins_every_value_and_show_config_prints_them(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["preset"] = "paper"
     cfg = Config.model_validate(params)
-    for key, value in PAPER_PRESET.items():
+    for key, value in params["train_presets"]["paper"].items():  # its one definition, params.yaml, wins over train
         got = getattr(cfg.train, key)
         assert (got.model_dump() | value == got.model_dump()) if isinstance(value, dict) else got == value, key
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -146,6 +145,9 @@ def test_paper_preset_pins_every_value_and_show_config_prints_them(tmp_path):
     assert (shown["image_size"], shown["max_pixels"], shown["min_pixels"]) == (720, 401408, 3136)
     assert shown["prompts_per_device"] == 1 and shown["gradient_accumulation_steps"] == 2
     assert shown["reward_variant"] == "paper" and shown["sft"]["enabled"] is False
+    assert (shown["lr_scheduler_type"], shown["warmup_steps"], shown["weight_decay"], shown["temperature"]) == (
+        "linear", 0, 0.0, 1.0)
+    assert shown["gradient_checkpointing"] is True and shown["reward_weights"] == [1.0, 1.0]
 
 
 def run_job(tiny: Path, work: Path, *args: int) -> subprocess.CompletedProcess:

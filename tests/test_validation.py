@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from arft_core.config import DataConfig, ValidationConfig
-from arft_core.data.mat_coding import generate, load_manifest
+from arft_core.data.mat_coding import generate
+from arft_core.io import load_manifest
 from arft_core.validation import format_report, validate_manifests
 
 CFG = ValidationConfig()

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from arft_core.config import CorruptionRanges
+from arft_core.protocol import PROBLEM_LABELS
 
 Corruption = Callable[[Image.Image, np.random.Generator, CorruptionRanges], tuple[Image.Image, dict]]
 
@@ -58,9 +59,9 @@ def none(img, rng, ranges):
     return img.copy(), {}
 
 
-CORRUPTIONS: dict[str, Corruption] = {
-    f.__name__: f for f in (rotation90, rotation180, dark, overexposure, blur, noise, none)
-}
+# Every label of the vocabulary but crop (a region question, not a degradation), each by its function of the same
+# name (a label without one fails at import).
+CORRUPTIONS: dict[str, Corruption] = {label: globals()[label] for label in PROBLEM_LABELS if label != "crop"}
 
 
 def apply(img: Image.Image, labels: list[str], rng: np.random.Generator, ranges: CorruptionRanges):

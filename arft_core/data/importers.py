@@ -33,17 +33,16 @@ import numpy as np
 from PIL import Image
 
 from arft_core.config import ValidationConfig
-from arft_core.data.mat_coding import write_json_atomic
 from arft_core.data.sources import SourceItem
+from arft_core.io import write_json_atomic
+from arft_core.protocol import PROBLEM_LABELS, has_cjk
 
-MAT_LABELS = frozenset({"rotation90", "rotation180", "dark", "overexposure", "blur", "noise", "crop", "none"})
 MAT_SPLITS = frozenset({"simple", "hard"})
 VQA_FIELDS = ("id", "image", "question", "answers")
 CSV_ANSWER_SEPARATOR = "|"
 
 _NUMBER = r"\s*(\d+(?:\.\d+)?)\s*"
 _BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # PIL format name -> file extension in the store; other formats fall back to the source file's suffix.
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 
@@ -206,9 +205,9 @@ def _check_types(value: Any) -> list[str]:
     labels = value.split("+") if isinstance(value, str) else value
     if not isinstance(labels, list) or not labels:
         raise _Invalid("type", f"must be a non-empty list of labels, got {value!r}")
-    unknown = [label for label in labels if label not in MAT_LABELS]
+    unknown = [label for label in labels if label not in PROBLEM_LABELS]
     if unknown:
-        raise _Invalid("type", f"unknown label(s) {unknown}; known: {', '.join(sorted(MAT_LABELS))}")
+        raise _Invalid("type", f"unknown label(s) {unknown}; known: {', '.join(sorted(PROBLEM_LABELS))}")
     if len(set(labels)) != len(labels):
         raise _Invalid("type", f"repeated label in {labels}")
     if "none" in labels and len(labels) > 1:
@@ -422,4 +421,4 @@ class VqaImport:
             image = img.convert("RGB")
         text = item["question"] + "".join(item["answers"])
         return SourceItem(image=image, question=item["question"], answers=list(item["answers"]), source=self.name,
-                          source_id=item["id"], lang="zh" if _CJK.search(text) else "en")
+                          source_id=item["id"], lang="zh" if has_cjk(text) else "en")

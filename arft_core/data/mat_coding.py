@@ -11,8 +11,6 @@ teacher trajectory; `train_steps.json`, step samples for step-level GRPO; `image
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import shutil
 import tempfile
@@ -30,33 +28,17 @@ from PIL import Image
 
 from arft_core.config import DataConfig, SandboxConfig
 from arft_core.data import corruptions, teacher
+from arft_core.io import MANIFESTS, write_json_atomic
 
-MANIFESTS = ("train", "test")
 LEVELS = ("simple", "hard")
 VERIFY_BATCH = 8  # teacher fixes checked per sandbox job (at most sandbox.max_output_images)
 CROP_QUESTION = ("Recognize the text within the {box} of the image. The coordinates have been normalized ranging "
                  "from 0 to 1000 by the image width and height. ")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
-
-
 def input_image_path(item: dict) -> str:
     """The image the model sees: the clean one for crop items (a region task), else the degraded one."""
     return item["ori_image_path"] if item["type"][0] == "crop" else item["processed_image_path"]
-
-
-def load_manifest(data_dir: Path, split: str) -> list[dict]:
-    return json.loads((data_dir / f"{split}.json").read_text())
 
 
 def dhash(img: Image.Image) -> str:

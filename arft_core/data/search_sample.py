@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from arft_core.data.mat_coding import write_json_atomic
+from arft_core.io import write_json_atomic
 from arft_core.data.search_import import CSV_ANSWER_SEPARATOR, CSV_QUERY_SEPARATOR, LABEL_STUDIO_LOCAL_FILES
 
 SAMPLE_FORMATS = ("mat-json", "jsonl", "csv", "label-studio")

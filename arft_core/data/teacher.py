@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-ROTATIONS = {"rotation90": "cv2.ROTATE_90_COUNTERCLOCKWISE", "rotation180": "cv2.ROTATE_180"}
-PHOTOMETRIC = ("dark", "overexposure", "blur", "noise")
+from arft_core.protocol import PHOTOMETRIC, tips
+
+ROTATE_CODES = {"rotation90": "cv2.ROTATE_90_COUNTERCLOCKWISE", "rotation180": "cv2.ROTATE_180"}  # the undo
 DESCRIPTIONS = {
     "rotation90": "rotated 90 degrees clockwise, so the text runs vertically",
     "rotation180": "upside down",
@@ -23,18 +24,6 @@ DESCRIPTIONS = {
 }
 
 
-def tips(labels: list[str]) -> str:
-    """The harness's hint after a `<problem>` step, keyed on the first label (exact strings, spec §2.3)."""
-    if labels[0] == "crop":
-        return ("<tips> We now need to crop the image. Please provide the Python code. Use [x_min, y_min, x_max, "
-                "y_max] to represent the bounding box coordinates. </tips>")
-    if labels[0] == "none":
-        return ("<tips> The image has no issues, so no code is needed in the next step. You can directly provide "
-                "the answer. </tips>")
-    return (f"<tips> Now that we have identified the issue in the image: {labels}, please proceed to address it by "
-            "outputting the python code. </tips>")
-
-
 def problem_step(labels: list[str]) -> str:
     said = " and ".join(DESCRIPTIONS[label] for label in labels)
     label_set = "{" + ", ".join(f"'{label}'" for label in labels) + "}"
@@ -42,8 +31,8 @@ def problem_step(labels: list[str]) -> str:
 
 
 def _fix_lines(label: str, params: dict) -> list[str]:
-    if label in ROTATIONS:
-        return [f"img = cv2.rotate(img, {ROTATIONS[label]})"]
+    if label in ROTATE_CODES:
+        return [f"img = cv2.rotate(img, {ROTATE_CODES[label]})"]
     if label == "dark":
         return [f"img = cv2.convertScaleAbs(img, alpha={round(1 / params['factor'], 1)}, beta=0)"]
     if label == "overexposure":

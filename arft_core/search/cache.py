@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from arft_core.search import SearchBackend, SearchError, SearchResult
+from arft_core.search.base import SearchBackend, SearchError, SearchResult
 
 Mode = Literal["live", "record", "replay"]
 SCHEMA_VERSION = 1

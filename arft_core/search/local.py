@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tantivy
 
-from arft_core.search import SearchError, SearchResult
+from arft_core.search.base import SearchError, SearchResult
 
 SNIPPET_CHARS = 300
 META_FILE = "corpus.json"

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 from arft_core.config import SearchConfig
-from arft_core.search import SearchError, SearchResult
+from arft_core.search.base import SearchError, SearchResult
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import re
 import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image
 
 from arft_core.data.sources import Region, SourceItem
+from arft_core.protocol import has_cjk
 
 _MAX_OPEN_DOCUMENTS = 32
 _GAP_FACTOR = 1.2          # a horizontal gap wider than this many line heights starts a new word group
@@ -30,7 +30,6 @@ _LABEL_GAP_FACTOR = 1.5   # "text after a label" only across a gap this many lin
 _MIN_LABEL_ALNUM = 3
 _MAX_LABEL_CHARS = 60
 _MAX_ANSWER_CHARS = 100
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 @dataclass
@@ -134,7 +133,7 @@ class PdfPages:
             source=self.name,
             source_id=f"{self._labels[doc_index]}/page{page_index + 1}",
             regions=regions,
-            lang="zh" if _CJK.search(chosen.answer) else "en",
+            lang="zh" if has_cjk(chosen.answer) else "en",
         )
 
 

@@ -1,0 +1,122 @@
+"""The train stage: SFT cold start and GRPO in this process, or on the ranks of a distributed launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from typing import Callable
+
+from arft_core.config import PARAMS_FILE, Config
+from arft_core.io import write_json_atomic
+
+
+def train_stage(cfg: Config) -> dict:
+    """SFT cold start (optional), then GRPO with TRL's GRPOTrainer on the task's step samples."""
+    import mlflow
+
+    from arft_core.tracking import log_metrics
+
+    if cfg.train.launcher != "none":
+        run = mlflow.active_run()
+        launch_distributed(cfg, run.info.run_id if run else None)
+        summary = json.loads(cfg.path("train_metrics").read_text())
+    else:
+        summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
+        write_json_atomic(cfg.path("train_metrics"), summary)
+    mlflow.log_artifact(str(cfg.path("train_log")))
+    if cfg.train.save_steps:  # where the resumable checkpoints are (too large to copy into the tracking store)
+        mlflow.set_tag("train.checkpoints", str(cfg.path("train_checkpoints")))
+    return summary
+
+
+def train_here(cfg: Config, sink: Callable[[dict, int], None]) -> dict:
+    """Train in this process (one rank of a distributed launch, or the only one)."""
+    from arft_core.training import train
+
+    data_dir = cfg.path("mat_coding" if cfg.train.task == "coding" else "mat_search")
+    agentic = cfg.train.mode == "agentic"
+    kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints")}
+    with ExitStack() as stack:
+        pool = None
+        if cfg.train.task == "coding" and (agentic or cfg.train.reward_variant == "corrected"):
+            # Code runs in the sandbox: the corrected code reward and the agent's <code> tool.
+            from arft_core.sandbox import SandboxPool
+
+            pool = stack.enter_context(SandboxPool(cfg.sandbox))
+        if agentic:
+            from arft_core.agent import Tools
+            from arft_core.search import make_backend
+
+            # Training searches use their own cache (an output of this stage), never the search_data stage's.
+            search_cfg = cfg.search.model_copy(update={"cache_path": cfg.paths.train_search_cache})
+            search = make_backend(search_cfg, cfg.root) if cfg.train.task == "search" else None
+            kwargs.update(tools=Tools(sandbox=pool, search=search, top_k=cfg.search.top_k), agent_cfg=cfg.agent,
+                          artifact_sink=_log_text_artifact)
+        elif pool is not None:
+            from arft_core.agent.env import code_runner
+
+            kwargs["code_runner"] = code_runner(pool)
+        return train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
+                     cfg.path("train_log"), **kwargs)
+
+
+def _log_text_artifact(name: str, text: str) -> None:
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.log_text(text, name)
+
+
+def launch_command(cfg: Config, machine_rank: int = 0) -> list[str]:
+    """The launcher command of `train.launcher` for this node: `accelerate launch` with accelerate_config (DDP or
+    DeepSpeed ZeRO on GPUs) or `torchrun` (plain DDP: NCCL on GPUs, gloo on CPU), single- or multi-node."""
+    t = cfg.train
+    worker = ["-m", "arft_core.cli", "train-worker", "--params", str(cfg.source or cfg.root / PARAMS_FILE)]
+    multi = t.num_machines > 1
+    if multi and not t.main_process_ip:
+        raise ValueError("train.main_process_ip: required when train.num_machines > 1 (the rank-0 node's address)")
+    if t.launcher == "accelerate":
+        config_file = cfg.root / t.accelerate_config
+        if not config_file.is_file():
+            raise FileNotFoundError(f"train.accelerate_config: {config_file} does not exist")
+        nodes = ["--num_machines", str(t.num_machines), "--machine_rank", str(machine_rank), "--main_process_ip",
+                 t.main_process_ip, "--main_process_port", str(t.main_process_port)] if multi else []
+        # accelerate counts processes over all nodes
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                "--num_processes", str(t.num_processes * t.num_machines), *nodes, *worker]
+    nodes = (["--nnodes", str(t.num_machines), "--node_rank", str(machine_rank), "--master_addr",
+              t.main_process_ip, "--master_port", str(t.main_process_port)] if multi else ["--standalone"])
+    return [sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc_per_node", str(t.num_processes),
+            *worker]
+
+
+def launch_distributed(cfg: Config, run_id: str | None) -> None:
+    """Start this node's ranks of `arft train-worker` (see `launch_command`); global rank 0 logs to MLflow run
+    `run_id` and writes the outputs. A multi-node launch reads this node's rank from ARFT_MACHINE_RANK."""
+    cmd = launch_command(cfg, int(os.environ.get("ARFT_MACHINE_RANK", "0")))
+    env = {**os.environ, "ARFT_TRAIN_RUN_ID": run_id or ""}
+    proc = subprocess.run(cmd, cwd=cfg.root, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+def train_worker(cfg: Config) -> dict:
+    """One rank of a distributed launch: train; rank 0 logs metrics to the launching stage's MLflow run."""
+    import mlflow
+    from accelerate import PartialState
+
+    from arft_core.tracking import log_metrics
+
+    run_id = os.environ.get("ARFT_TRAIN_RUN_ID")
+    if PartialState().is_main_process and run_id:
+        mlflow.set_tracking_uri(cfg.tracking_uri())
+        with mlflow.start_run(run_id=run_id):
+            summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
+    else:
+        summary = train_here(cfg, lambda m, step: None)
+    if PartialState().is_main_process:
+        write_json_atomic(cfg.path("train_metrics"), summary)
+    return summary
