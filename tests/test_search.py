@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -183,42 +182,17 @@ BRAVE_OK = {"web": {"results": [{"title": "Eiffel <strong>Tower</strong>", "url"
 
 @pytest.fixture
 def api() -> Iterator[FakeAPI]:
-    fake: FakeAPI
+    fake = FakeAPI(url="", script=[])
 
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            reply = fake.next_reply({"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                     "body": body})
-            time.sleep(reply.delay)
-            data = reply.body if isinstance(reply.body, str) else json.dumps(reply.body or {})
-            try:
-                self.send_response(reply.status)
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data.encode())))
-                self.end_headers()
-                self.wfile.write(data.encode())
-            except OSError:  # the client gave up (timeout test)
-                pass
+    def respond(r: Recorded) -> tuple[int, dict[str, str], bytes]:
+        reply = fake.next_reply({"method": r.method, "path": r.path, "headers": r.headers, "body": r.body})
+        time.sleep(reply.delay)
+        data = reply.body if isinstance(reply.body, str) else json.dumps(reply.body or {})
+        return reply.status, {**reply.headers, "Content-Type": "application/json"}, data.encode()
 
-        do_GET = do_POST = _serve
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    fake = FakeAPI(url=f"http://127.0.0.1:{server.server_address[1]}/search", script=[])
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with loopback_http(respond) as server:
+        fake.url = f"{server.url}/search"
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(autouse=True)
