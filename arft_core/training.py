@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -128,8 +129,60 @@ def _set_pixel_budget(processor, cfg: TrainConfig) -> None:
         ip.size = {**(ip.size or {}), "shortest_edge": cfg.min_pixels}
 
 
-def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, sink: MetricsSink):
-    """A few SFTTrainer steps on the teacher steps so that the policy starts out writing the protocol's tags."""
+def distributed_state():
+    """This process's place in a launch (torchrun, `accelerate launch` with or without DeepSpeed, or none), set up
+    before anything is built. On CPU it must be asked for (`cpu=True`): a bare `PartialState()` finds no backend
+    there and reports one process on every rank, so every rank would act as rank 0."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _shared_scratch(state, near: Path) -> Path:
+    """A scratch folder that every rank sees (the SFT result goes through it): rank 0 makes it and tells the others.
+    In the system's temp folder on one node; beside `near` (the shared checkout) when the ranks span nodes."""
+    import torch.distributed as dist
+
+    multi_node = state.num_processes > int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    if multi_node and state.is_main_process:
+        near.mkdir(parents=True, exist_ok=True)
+    made = [tempfile.mkdtemp(prefix="arft-train-", dir=near if multi_node else None) if state.is_main_process
+            else None]
+    if state.num_processes > 1:
+        dist.broadcast_object_list(made, src=0)
+    return Path(made[0])
+
+
+def _load_policy(model_dir: Path, dtype: str):
+    """`load_model`, saving later under the checkpoint's own weight names. Loaded under ZeRO-3 (weights partitioned
+    as they load), transformers 5.23 records an extra prefix change that `save_pretrained` then reverts into
+    `model.model.*` names nothing loads; without a record, saving uses the model type's default renamings."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from arft_core.model.embedded import load_model
+
+    model, processor = load_model(model_dir, dtype)
+    if is_deepspeed_zero3_enabled():
+        model._weight_conversions = None
+    return model, processor
+
+
+def _check_deepspeed_save(trainer, lora: bool = False) -> None:
+    """Under ZeRO-3 each rank holds a shard of every weight; `save_model` writes whole weights only when the
+    DeepSpeed config gathers them on save (otherwise a DeepSpeed checkpoint and no model.safetensors)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise ValueError("DeepSpeed ZeRO-3 config: set zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                         "to true, or the saved model has no weights (infra/deepspeed/zero3*.json have it)")
+    if zero.get("stage") == 3 and lora:  # the merge on rank 0 would see sharded, empty weights
+        raise ValueError("train.lora with DeepSpeed ZeRO-3 is not supported: use deepspeed_zero2.yaml")
+
+
+def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, sink: MetricsSink, save_to: Path):
+    """A few SFTTrainer steps on the teacher steps so that the policy starts out writing the protocol's tags; the
+    result (model and processor) is saved to `save_to`. Every rank calls this (the save gathers ZeRO-3 shards)."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -140,10 +193,14 @@ def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, s
                      disable_tqdm=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_dataset(dataset), processing_class=processor,
                          callbacks=[_metrics_callback(sink, "sft/")])
+    _check_deepspeed_save(trainer)
     trainer.train()
+    # Through the trainer on every rank, not `model.save_pretrained` on rank 0: under ZeRO-3 the latter writes
+    # (0,)-shaped tensors without an error. Rank 0 writes the files (model and processor).
+    trainer.save_model(str(save_to))
     steps = [h for h in trainer.state.log_history if "loss" in h]
-    return trainer.model, {"sft_steps": trainer.state.global_step,
-                           "sft_final_loss": float(steps[-1]["loss"]) if steps else float("nan")}
+    return {"sft_steps": trainer.state.global_step,
+            "sft_final_loss": float(steps[-1]["loss"]) if steps else float("nan")}
 
 
 def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base_model: Path, data_dir: Path) -> str:
@@ -230,13 +287,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     cold start still uses the teacher step samples.
     """
     import torch
-    from accelerate import PartialState
     from trl import GRPOConfig, GRPOTrainer
 
-    from arft_core.model.embedded import load_model
     from arft_core.rewards import make_reward_funcs
 
-    state = PartialState()  # one process, or one rank of `accelerate launch`; rank 0 writes the files
+    state = distributed_state()  # one process, or one rank of a launch; rank 0 writes the files
 
     agentic = cfg.mode == "agentic"
     if agentic:
@@ -264,26 +319,23 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         resume = _last_checkpoint(checkpoint_dir)
     sft_dir = checkpoint_dir / "sft_model" if checkpoint_dir is not None and cfg.save_steps else None
     start = sft_dir if sft_dir is not None and (sft_dir / "config.json").is_file() else base_model
-    model, processor = load_model(start, model_cfg.dtype)
+    model, processor = _load_policy(start, model_cfg.dtype)
     _set_pixel_budget(processor, cfg)
     summary: dict = {"resumed_from": Path(resume).name if resume else None}
-    with tempfile.TemporaryDirectory(prefix="arft-train-") as scratch:
+    scratch = _shared_scratch(state, out_dir.parent)
+    try:
         if cfg.sft.enabled and start == base_model:
-            model, sft_summary = sft_cold_start(model, processor, dataset, cfg, Path(scratch), sink)
-            summary.update(sft_summary)
             # Saved and reloaded: TRL builds the KL reference from the model's folder, which must be the SFT
             # result (not the base); with checkpoints it is also the starting point of a resumed run.
-            sft_dir = sft_dir or Path(scratch) / "sft_model"
-            if state.is_main_process or sft_dir.is_relative_to(scratch):
-                model.save_pretrained(sft_dir)
-                processor.save_pretrained(sft_dir)
+            sft_dir = sft_dir or scratch / "sft_model"
+            summary.update(sft_cold_start(model, processor, dataset, cfg, scratch, sink, save_to=sft_dir))
             state.wait_for_everyone()
-            model, _ = load_model(sft_dir, model_cfg.dtype)
+            model, _ = _load_policy(sft_dir, model_cfg.dtype)
         processor.tokenizer.padding_side = "left"
         checkpoints = cfg.save_steps and checkpoint_dir is not None
         args = GRPOConfig(
-            output_dir=str(checkpoint_dir) if checkpoints else scratch, seed=cfg.seed, max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate,
+            output_dir=str(checkpoint_dir) if checkpoints else str(scratch / "grpo"), seed=cfg.seed,
+            max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
             per_device_train_batch_size=cfg.prompts_per_device * cfg.num_generations,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_generations=cfg.num_generations,
@@ -293,6 +345,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             save_strategy="steps" if checkpoints else "no", save_steps=cfg.save_steps or 500,
             save_total_limit=cfg.save_total_limit,
             use_cpu=not torch.cuda.is_available(), bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
+            # Fixed, not a setting: ZeRO-3 generation needs the gathered weights (False fails in TRL's loss).
+            ds3_gather_for_generation=True,
         )
         common = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl_dataset,
                       processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or [])],
@@ -302,23 +356,32 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
                                        artifact_sink if state.is_main_process else None)
         else:
             trainer = GRPOTrainer(**common)
+        _check_deepspeed_save(trainer, lora=cfg.lora.enabled)
         if resume and not cfg.lora.enabled:
             _restore_weights(trainer.model, Path(resume), model_cfg.dtype)
         trainer.train(resume_from_checkpoint=resume)
         history = trainer.state.log_history
-    if state.is_main_process:
-        final = trainer.accelerator.unwrap_model(trainer.model)
-        final = final.merge_and_unload() if cfg.lora.enabled else final
-        if out_dir.exists():
+        if state.is_main_process and out_dir.exists():
             shutil.rmtree(out_dir)
-        final.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        # Provenance travels with the weights: the settings that produced them.
-        (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
-            {"train": cfg.model_dump(mode="json"), "base_model": model_cfg.model_dump(mode="json"),
-             "reward_funcs": [f.__name__ for f in reward_funcs]}, indent=2))
-        write_log_csv(history, log_csv)
-    state.wait_for_everyone()
+        state.wait_for_everyone()
+        if cfg.lora.enabled:  # adapters merged into a plain model folder, on rank 0
+            if state.is_main_process:
+                trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(out_dir)
+                processor.save_pretrained(out_dir)
+        else:
+            # On every rank (a collective under ZeRO-3, see sft_cold_start); rank 0 writes model and processor.
+            trainer.save_model(str(out_dir))
+        if state.is_main_process:
+            (out_dir / "training_args.bin").unlink(missing_ok=True)  # the trainer's arguments, not the model's
+            # Provenance travels with the weights: the settings that produced them.
+            (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(
+                {"train": cfg.model_dump(mode="json"), "base_model": model_cfg.model_dump(mode="json"),
+                 "reward_funcs": [f.__name__ for f in reward_funcs]}, indent=2))
+            write_log_csv(history, log_csv)
+        state.wait_for_everyone()
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
     steps = [h for h in history if "reward" in h]
     last = steps[-1] if steps else {}
     return {

@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Callable
 
 from arft_core.config import PARAMS_FILE, Config
 from arft_core.io import write_json_atomic
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory communication op, built at its first start on CPU
 
 
 def train_stage(cfg: Config) -> dict:
@@ -93,11 +96,41 @@ def launch_command(cfg: Config, machine_rank: int = 0) -> list[str]:
             *worker]
 
 
+def uses_deepspeed(cfg: Config) -> bool:
+    """Whether `train.launcher` starts DeepSpeed (an accelerate config with distributed_type DEEPSPEED)."""
+    import yaml
+
+    if cfg.train.launcher != "accelerate":
+        return False
+    launch = yaml.safe_load((cfg.root / cfg.train.accelerate_config).read_text()) or {}
+    return launch.get("distributed_type") == "DEEPSPEED"
+
+
+def deepspeed_ops_note() -> str | None:
+    """On CPU, a line saying that DeepSpeed compiles its C++ ops now, once, and where they are cached; None when
+    the communication op every DeepSpeed start needs there is already built."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch's extension cache (TORCH_EXTENSIONS_DIR wins); the ops land in <cache>/<python-torch tag>/<op name>
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if any(cache.glob(f"*/{SHM_COMM_OP}/{SHM_COMM_OP}.so")) or any(cache.glob(f"{SHM_COMM_OP}/{SHM_COMM_OP}.so")):
+        return None
+    return (f"DeepSpeed: compiling its C++ ops once (communication op 0.5-2 min; CPU Adam for ZeRO offload about "
+            f"3 min more), cached in {cache} for later runs")
+
+
 def launch_distributed(cfg: Config, run_id: str | None) -> None:
     """Start this node's ranks of `arft train-worker` (see `launch_command`); global rank 0 logs to MLflow run
     `run_id` and writes the outputs. A multi-node launch reads this node's rank from ARFT_MACHINE_RANK."""
+    import torch
+
     cmd = launch_command(cfg, int(os.environ.get("ARFT_MACHINE_RANK", "0")))
     env = {**os.environ, "ARFT_TRAIN_RUN_ID": run_id or ""}
+    if uses_deepspeed(cfg) and not torch.cuda.is_available():
+        note = deepspeed_ops_note()
+        if note:
+            print(note, flush=True)
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed finds the CPU by itself; this silences its warning
     proc = subprocess.run(cmd, cwd=cfg.root, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
@@ -106,17 +139,23 @@ def launch_distributed(cfg: Config, run_id: str | None) -> None:
 def train_worker(cfg: Config) -> dict:
     """One rank of a distributed launch: train; rank 0 logs metrics to the launching stage's MLflow run."""
     import mlflow
-    from accelerate import PartialState
 
     from arft_core.tracking import log_metrics
+    from arft_core.training import distributed_state
 
+    # Set up before anything else: every rank must know at once whether it is rank 0 (see distributed_state).
+    state = distributed_state()
     run_id = os.environ.get("ARFT_TRAIN_RUN_ID")
-    if PartialState().is_main_process and run_id:
+    if state.is_main_process and run_id:
         mlflow.set_tracking_uri(cfg.tracking_uri())
         with mlflow.start_run(run_id=run_id):
             summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
     else:
         summary = train_here(cfg, lambda m, step: None)
-    if PartialState().is_main_process:
+    if state.is_main_process:
         write_json_atomic(cfg.path("train_metrics"), summary)
+    # Closed before exit: left open, DeepSpeed's CPU communication can abort a rank at exit (SIGABRT, "terminate
+    # called without an active exception") after a finished run, and the launch then counts as failed.
+    state.wait_for_everyone()
+    state.destroy_process_group()
     return summary
