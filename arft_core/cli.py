@@ -76,7 +76,21 @@ def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Pri
 
         typer.echo(yaml.safe_dump({"train": _config(params).train.model_dump(mode="json")}, sort_keys=False))
         return
-    _run_stage("train", params)
+    from arft_core.stages.train import machine_rank, train_node
+
+    cfg = _config(params)
+    try:
+        node = machine_rank(cfg)
+    except ValueError as exc:
+        _fail(str(exc))
+    if node == 0:
+        _run_stage("train", params)
+        return
+    try:  # another node of a multi-node launch: its ranks only (no flow run, no MLflow run, no outputs)
+        train_node(cfg)
+    except (FileNotFoundError, RuntimeError) as exc:
+        _fail(str(exc))
+    console.print(f"[green]train done[/] on node {node} (the main node logs the run and writes the model)")
 
 
 _WITH_OPTIONS = {"train": train_cmd}  # stage commands with options of their own; the rest take only -p

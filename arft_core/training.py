@@ -136,7 +136,15 @@ def distributed_state():
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        from deepspeed import comm
+
+        # On GPUs accelerate does this itself; on CPU it does not, and until the first DeepSpeed engine starts,
+        # a model built under ZeRO-3 (the KL reference of a resumed run) would size its batch for 1 rank.
+        if not comm.is_initialized():
+            comm.init_distributed(dist_backend=state.backend, auto_mpi_discovery=False)
+    return state
 
 
 def _shared_scratch(state, near: Path) -> Path:
@@ -240,6 +248,49 @@ def _restore_weights(model, checkpoint: Path, dtype: str) -> None:
     if missing:
         raise RuntimeError(f"{checkpoint}: checkpoint lacks weights {sorted(missing)[:3]}")
     model.load_state_dict(saved.state_dict())
+
+
+def tensors_digest(tensors) -> str:
+    """A digest of tensors independent of their names and order: the sorted hashes of each one's shape and bytes."""
+    import hashlib
+
+    import torch
+
+    parts = []
+    for t in tensors:
+        data = t.detach().cpu().contiguous()
+        raw = data.view(-1).view(torch.uint8).numpy().tobytes()  # bytes of any dtype (bf16 too)
+        parts.append(hashlib.sha256(str(tuple(data.shape)).encode() + raw).hexdigest())
+    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()
+
+
+def weights_digest(model) -> str:
+    """`tensors_digest` of the model's distinct parameters (tied weights once), as the saved model holds them.
+    Under ZeRO-3 each parameter is gathered in turn: every rank must call this."""
+    from contextlib import nullcontext
+
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 shards
+    if zero3:
+        import deepspeed
+
+    def whole():  # each one is hashed while it is gathered
+        for param in model.parameters():
+            with deepspeed.zero.GatheredParameters([param]) if zero3 else nullcontext():
+                yield param
+
+    return tensors_digest(whole())
+
+
+def _rank_digests(state, model) -> list[str]:
+    """Each rank's `weights_digest` after training; they must agree (a rank that drifted would make the saved
+    model depend on which rank wrote it)."""
+    import torch.distributed as dist
+
+    digests: list = [None] * state.num_processes
+    dist.all_gather_object(digests, weights_digest(model))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks disagree on the trained weights: {dict(enumerate(digests))}")
+    return digests
 
 
 def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_first_turn, artifact_sink):
@@ -357,7 +408,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         else:
             trainer = GRPOTrainer(**common)
         _check_deepspeed_save(trainer, lora=cfg.lora.enabled)
-        if resume and not cfg.lora.enabled:
+        # DeepSpeed's own checkpoint restores the weights (by position, in `train`); the plain Trainer's
+        # resume would skip them (see _restore_weights).
+        if resume and not cfg.lora.enabled and not trainer.is_deepspeed_enabled:
             _restore_weights(trainer.model, Path(resume), model_cfg.dtype)
         trainer.train(resume_from_checkpoint=resume)
         history = trainer.state.log_history
@@ -371,6 +424,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         else:
             # On every rank (a collective under ZeRO-3, see sft_cold_start); rank 0 writes model and processor.
             trainer.save_model(str(out_dir))
+        if state.num_processes > 1:
+            summary["rank_weights"] = _rank_digests(state, trainer.accelerator.unwrap_model(trainer.model))
         if state.is_main_process:
             (out_dir / "training_args.bin").unlink(missing_ok=True)  # the trainer's arguments, not the model's
             # Provenance travels with the weights: the settings that produced them.

@@ -5,7 +5,9 @@ Side by side, in one run, same model and prompts:
   (b) ours: all prompts of a step in one `generate` call (`HFGenerator`'s batching, G copies per prompt).
 For each: rollout tokens/s, seconds, peak GPU memory, and MFU (2 x params x generated tokens / time / peak
 bf16 FLOP/s; a lower bound: attention and the vision tower are not counted). Then one GRPO optimizer step
-(TRL GRPOTrainer, G completions per prompt) with its wall time and peak memory.
+(TRL GRPOTrainer, G completions per prompt) with its wall time and peak memory, plain and then under each
+DeepSpeed config of --deepspeed (default ZeRO-3: weights partitioned at load, gathered for generation), run
+from the project root.
 
     python bench/gpu_rollout.py [--prompts 8] [--G 8] [--new-tokens 256] [--size 3b|7b] [--peak-tflops 989]
     python bench/gpu_rollout.py --tiny          # CPU smoke run of the same code path (tiny model)
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -75,15 +78,22 @@ def timed_generate(model, processor, prompts, images, G: int, new_tokens: int, o
             "peak_gib": peak}
 
 
-def grpo_step(model_dir: Path, images, prompts_msgs, G: int, new_tokens: int, tmp: Path) -> dict:
-    """One TRL GRPO optimizer step from a saved model (TRL builds the KL reference from the model's folder)."""
+def grpo_step(model_dir: Path, images, prompts_msgs, G: int, new_tokens: int, tmp: Path,
+              deepspeed: str | None = None) -> dict:
+    """One TRL GRPO optimizer step from a saved model (TRL builds the KL reference from the model's folder); with
+    `deepspeed` (a DeepSpeed JSON config), under DeepSpeed as one rank, the model built under its ZeRO-3 init."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from arft_core.model.embedded import load_model
 
-    model, processor = load_model(model_dir, "bfloat16" if torch.cuda.is_available() else "float32")
-    processor.tokenizer.padding_side = "left"
+    if deepspeed:
+        import deepspeed as ds
+
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
+                           "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(key, value)  # a one-rank launch without a launcher
+        ds.init_distributed()  # before the model is built under ZeRO-3 (its batch size needs the world size)
 
     def length_reward(completions, **_):
         return [float(len(c[0]["content"])) for c in completions]
@@ -92,7 +102,11 @@ def grpo_step(model_dir: Path, images, prompts_msgs, G: int, new_tokens: int, tm
     args = GRPOConfig(output_dir=str(tmp / "grpo"), max_steps=1, per_device_train_batch_size=G, num_generations=G,
                       max_completion_length=new_tokens, learning_rate=1e-6, beta=0.04, loss_type="grpo",
                       bf16=torch.cuda.is_available(), gradient_checkpointing=True, report_to=[],
-                      save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                      save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                      deepspeed=deepspeed)
+    # Built after the arguments: with a ZeRO-3 config, from_pretrained then partitions the weights as they load.
+    model, processor = load_model(model_dir, "bfloat16" if torch.cuda.is_available() else "float32")
+    processor.tokenizer.padding_side = "left"
     trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=ds,
                           processing_class=processor)
     if torch.cuda.is_available():
@@ -113,6 +127,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100/H200: 989)")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU: checks the code path only")
     ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--deepspeed", nargs="*", default=["infra/deepspeed/zero3.json"],
+                    help="DeepSpeed configs for extra GRPO-step rows, after the plain one (none: skip them)")
     args = ap.parse_args()
 
     from arft_core.protocol import coding_prompt
@@ -128,7 +144,7 @@ def main() -> None:
                for name, one in (("authors: one prompt x G", True), ("ours: batched", False))}
     for r in results.values():
         r["mfu"] = round(2 * n_params * r["tokens"] / r["seconds"] / (args.peak_tflops * 1e12), 4)
-    step = None
+    steps = None
     if not args.skip_grpo:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(Path(tmp) / "model")
@@ -136,7 +152,12 @@ def main() -> None:
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            step = grpo_step(Path(tmp) / "model", images, msgs, args.G, args.new_tokens, Path(tmp))
+            steps = {"plain": grpo_step(Path(tmp) / "model", images, msgs, args.G, args.new_tokens, Path(tmp))}
+            for config in args.deepspeed:  # last: DeepSpeed's global ZeRO-3 state outlives its trainer
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                steps[f"DeepSpeed {Path(config).stem}"] = grpo_step(Path(tmp) / "model", images, msgs, args.G,
+                                                                    args.new_tokens, Path(tmp), config)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {name}; model: {'tiny' if args.tiny else 'Qwen2.5-VL-' + args.size.upper()}-shaped, "
           f"{n_params / 1e9:.2f} B params, random bf16; {args.prompts} prompts x G={args.G}, "
@@ -144,10 +165,11 @@ def main() -> None:
     print("\n| generation | seconds | tokens/s | peak GiB | MFU |\n|---|---|---|---|---|")
     for k, r in results.items():
         print(f"| {k} | {r['seconds']} | {r['tokens_per_s']} | {r['peak_gib']} | {r['mfu']:.2%} |")
-    if step:
-        print(f"\nGRPO step (TRL, G={args.G}, 1 prompt x G per device): {step['seconds']} s, "
-              f"peak {step['peak_gib']} GiB")
-    print(json.dumps({"device": name, "params": n_params, "generation": results, "grpo_step": step}))
+    if steps:
+        print(f"\n| GRPO step (TRL, G={args.G}, 1 prompt x G, one device) | seconds | peak GiB |\n|---|---|---|")
+        for k, r in steps.items():
+            print(f"| {k} | {r['seconds']} | {r['peak_gib']} |")
+    print(json.dumps({"device": name, "params": n_params, "generation": results, "grpo_step": steps}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from arft_core.data.mat_coding import generate
 from arft_core.evaluation import evaluate
 from arft_core.model.embedded import load_model, prepare_base_model
 from arft_core.training import build_step_dataset, load_step_rows, step_prompt, train
+from agentic_job import ROTATE_90
 from conftest import ROOT
 
 MODEL = ModelConfig(embedded={"vocab_size": 1024})
@@ -150,11 +151,18 @@ def test_paper_preset_pins_every_value_and_show_config_prints_them(tmp_path):
     assert shown["gradient_checkpointing"] is True and shown["reward_weights"] == [1.0, 1.0]
 
 
-def run_job(tiny: Path, work: Path, *args: int) -> subprocess.CompletedProcess:
+def resume_job_args(tiny: Path, work: Path, max_steps: int, save_steps: int, kill_at: int | None = None,
+                    sft_steps: int = 0) -> list[str]:
+    """tests/resume_job.py and its arguments (see there)."""
     job = Path(__file__).with_name("resume_job.py")
-    argv = [sys.executable, str(job), str(tiny / "base"), str(tiny / "data"), str(work / "out"), str(work / "ckpt"),
-            str(work / "batches.jsonl"), *map(str, args)]
-    return subprocess.run(argv, capture_output=True, text=True, cwd=work)
+    return [str(job), str(tiny / "base"), str(tiny / "data"), str(work / "out"), str(work / "ckpt"),
+            str(work / "batches.jsonl"), "--max-steps", str(max_steps), "--save-steps", str(save_steps),
+            *(["--kill-at", str(kill_at)] if kill_at else []), "--sft-steps", str(sft_steps)]
+
+
+def run_job(tiny: Path, work: Path, *args: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *resume_job_args(tiny, work, *args)], capture_output=True, text=True,
+                          cwd=work)
 
 
 def batches_by_step(log: Path) -> dict[int, list]:
@@ -192,9 +200,6 @@ def test_killed_training_resumes_from_the_last_checkpoint(tiny, tmp_path):
     assert all(torch.allclose(v, b.state_dict()[k], atol=1e-6) for k, v in a.state_dict().items())
 
 
-ROTATE_90 = ("<think> The image is rotated. </think>\n<code>\n```python\nimport cv2\n"
-             "img = cv2.imread('path_to_input_image.jpg')\nimg = cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)\n"
-             "cv2.imwrite('path_to_output_image.png', img)\n```\n</code>")
 
 
 def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_path, monkeypatch):
@@ -245,3 +250,4 @@ def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_
     page = artifacts["rollouts/step_000001.html"]
     assert list(artifacts) == ["rollouts/step_000001.html"] and "cv2.ROTATE_90_COUNTERCLOCKWISE" in page
     assert page.count("data:image/jpeg;base64") >= 2 * 2  # per trajectory: the item image and the tool's image
+

@@ -74,13 +74,15 @@ class AgenticGRPOTrainer(GRPOTrainer):
         envs = [self.env_factory(row, scratch / f"rollout-{i}") for i, row in enumerate(self._rows)]
         for env in envs:
             env.reset()
+        n_prompt_images = len(images[0])
         comp, mask, logps = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         turn_images: list[list[int]] = []
         live = list(range(n))
         for turn in range(self.max_turns):
-            if not live:
+            if not self._on_any_rank(bool(live)):
                 break
-            turn_images.append([len(images[i]) for i in live])
+            if live:
+                turn_images.append([len(images[i]) for i in live])
             outs = {}
             for i in live:
                 forced = self.forced_first_turn(i) if self.forced_first_turn and turn == 0 else None
@@ -89,11 +91,15 @@ class AgenticGRPOTrainer(GRPOTrainer):
                     ids = (ids + [self._tokenizer.eos_token_id])[:budget - len(comp[i])]
                     outs[i] = ids, [0.0] * len(ids)
             todo = [i for i in live if i not in outs and budget - len(comp[i]) > 0]
-            if todo:
-                room = {i: budget - len(comp[i]) for i in todo}
-                new = self._generate_turn([prompt_ids[i] + comp[i] for i in todo], [images[i] for i in todo],
-                                          max(room.values()))
-                outs.update({i: (ids[:room[i]], lp[:room[i]]) for i, (ids, lp) in zip(todo, new, strict=True)})
+            if self._on_any_rank(bool(todo)):  # decided together: generation may be collective (ZeRO-3)
+                if todo:
+                    room = {i: budget - len(comp[i]) for i in todo}
+                    new = self._generate_turn([prompt_ids[i] + comp[i] for i in todo], [images[i] for i in todo],
+                                              max(room.values()))
+                    outs.update({i: (ids[:room[i]], lp[:room[i]]) for i, (ids, lp) in zip(todo, new, strict=True)})
+                else:  # another rank generates: take part with a filler generation of this rank's first prompt
+                    # (with its image, so that the vision tower runs here too), whose output is dropped
+                    self._generate_turn([prompt_ids[0]], [images[0][:n_prompt_images]], 1)
             still = []
             for i in (i for i in live if i in outs):
                 ids, lp = outs[i]
@@ -138,6 +144,18 @@ class AgenticGRPOTrainer(GRPOTrainer):
         # The 8-tuple of GRPOTrainer._generate; every sample's full image list doubles as its "tool images".
         return prompt_ids, comp, mask, completions, logps, extra, images, images
 
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on some rank, where ranks must generate in lockstep: under ZeRO-3 every generation
+        is collective (the sharded weights are gathered, and each forward pass is kept in step across ranks), so
+        while any rank generates, every rank must, or the ranks deadlock. Elsewhere generation is local: `flag`."""
+        if not self._dist.is_zero3 or self.accelerator.num_processes == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], device=self.accelerator.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def _observation_ids(self, text: str, image) -> list[int]:
         """Tokens that close the model's turn, show the observation as a user turn (with the new image) and open
         the next assistant turn; the processor expands `<|image_pad|>` exactly as for the forward pass."""
@@ -147,6 +165,7 @@ class AgenticGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _generate_turn(self, seqs: list[list[int]], imgs: list[list], max_new: int):
+        """One model turn for `seqs` (token ids so far, with their images): [(new ids, their log-probs)] each."""
         device = self.accelerator.device
         ids = [torch.tensor(s) for s in seqs]
         input_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
@@ -165,7 +184,7 @@ class AgenticGRPOTrainer(GRPOTrainer):
                                          generation_kwargs=self.generation_kwargs,
                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as m, \
                 self._dist.summon_full_params(self.model_wrapped, recurse=False):
-            out = m.generate(**inputs, generation_config=cfg)
+            out = m.generate(**inputs, generation_config=cfg)  # synced across ranks under ZeRO-3 (transformers)
         new = out.sequences[:, input_ids.size(1):]
         logp = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         result = []

@@ -13,7 +13,9 @@ from typing import Callable
 from arft_core.config import PARAMS_FILE, Config
 from arft_core.io import write_json_atomic
 
+MACHINE_RANK_ENV = "ARFT_MACHINE_RANK"  # this node's rank in a multi-node launch (0: the main node)
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory communication op, built at its first start on CPU
+CPU_ADAM_OP = "cpu_adam"  # DeepSpeed's CPU Adam, built at the first start with optimizer offload
 
 
 def train_stage(cfg: Config) -> dict:
@@ -35,13 +37,14 @@ def train_stage(cfg: Config) -> dict:
     return summary
 
 
-def train_here(cfg: Config, sink: Callable[[dict, int], None]) -> dict:
-    """Train in this process (one rank of a distributed launch, or the only one)."""
+def train_here(cfg: Config, sink: Callable[[dict, int], None], **collaborators) -> dict:
+    """Train in this process (one rank of a distributed launch, or the only one); `collaborators` go to
+    `training.train` as they are (callbacks, a scripted `forced_first_turn`)."""
     from arft_core.training import train
 
     data_dir = cfg.path("mat_coding" if cfg.train.task == "coding" else "mat_search")
     agentic = cfg.train.mode == "agentic"
-    kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints")}
+    kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints"), **collaborators}
     with ExitStack() as stack:
         pool = None
         if cfg.train.task == "coding" and (agentic or cfg.train.reward_variant == "corrected"):
@@ -96,27 +99,50 @@ def launch_command(cfg: Config, machine_rank: int = 0) -> list[str]:
             *worker]
 
 
-def uses_deepspeed(cfg: Config) -> bool:
-    """Whether `train.launcher` starts DeepSpeed (an accelerate config with distributed_type DEEPSPEED)."""
+def machine_rank(cfg: Config) -> int:
+    """This node's rank in a `train.num_machines` launch, from ARFT_MACHINE_RANK (default 0, the main node)."""
+    raw = os.environ.get(MACHINE_RANK_ENV, "0")
+    if not raw.strip().isdigit() or int(raw) >= cfg.train.num_machines:
+        raise ValueError(f"{MACHINE_RANK_ENV}={raw!r}: must be a node rank from 0 to "
+                         f"{cfg.train.num_machines - 1} (train.num_machines is {cfg.train.num_machines})")
+    return int(raw)
+
+
+def train_node(cfg: Config) -> None:
+    """A node other than the main one (ARFT_MACHINE_RANK > 0): start its ranks and wait for them. It tracks and
+    writes nothing: global rank 0, on the main node's `arft train`, logs to MLflow and writes the outputs."""
+    launch_distributed(cfg, None)
+
+
+def deepspeed_config(cfg: Config) -> dict | None:
+    """The DeepSpeed config that `train.launcher` starts (an accelerate config with distributed_type DEEPSPEED and
+    its deepspeed_config_file, relative to the project root), or None when the launch is not DeepSpeed."""
     import yaml
 
     if cfg.train.launcher != "accelerate":
-        return False
+        return None
     launch = yaml.safe_load((cfg.root / cfg.train.accelerate_config).read_text()) or {}
-    return launch.get("distributed_type") == "DEEPSPEED"
+    if launch.get("distributed_type") != "DEEPSPEED":
+        return None
+    file = (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    return json.loads((cfg.root / file).read_text()) if file else {}
 
 
-def deepspeed_ops_note() -> str | None:
+def deepspeed_ops_note(ds_config: dict) -> str | None:
     """On CPU, a line saying that DeepSpeed compiles its C++ ops now, once, and where they are cached; None when
-    the communication op every DeepSpeed start needs there is already built."""
+    the ops this config needs there are built: the communication op (every start) and CPU Adam (optimizer
+    offload)."""
     from torch.utils.cpp_extension import get_default_build_root
 
+    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") == "cpu"
+    needed = {SHM_COMM_OP: "communication op 0.5-2 min", **({CPU_ADAM_OP: "CPU Adam about 3 min"} if offload else {})}
     # torch's extension cache (TORCH_EXTENSIONS_DIR wins); the ops land in <cache>/<python-torch tag>/<op name>
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    if any(cache.glob(f"*/{SHM_COMM_OP}/{SHM_COMM_OP}.so")) or any(cache.glob(f"{SHM_COMM_OP}/{SHM_COMM_OP}.so")):
+    missing = [what for op, what in needed.items()
+               if not any(cache.glob(f"*/{op}/{op}.so")) and not any(cache.glob(f"{op}/{op}.so"))]
+    if not missing:
         return None
-    return (f"DeepSpeed: compiling its C++ ops once (communication op 0.5-2 min; CPU Adam for ZeRO offload about "
-            f"3 min more), cached in {cache} for later runs")
+    return f"DeepSpeed: compiling its C++ ops once ({', '.join(missing)}), cached in {cache} for later runs"
 
 
 def launch_distributed(cfg: Config, run_id: str | None) -> None:
@@ -124,10 +150,11 @@ def launch_distributed(cfg: Config, run_id: str | None) -> None:
     `run_id` and writes the outputs. A multi-node launch reads this node's rank from ARFT_MACHINE_RANK."""
     import torch
 
-    cmd = launch_command(cfg, int(os.environ.get("ARFT_MACHINE_RANK", "0")))
+    cmd = launch_command(cfg, machine_rank(cfg))
     env = {**os.environ, "ARFT_TRAIN_RUN_ID": run_id or ""}
-    if uses_deepspeed(cfg) and not torch.cuda.is_available():
-        note = deepspeed_ops_note()
+    ds_config = deepspeed_config(cfg)
+    if ds_config is not None and not torch.cuda.is_available():
+        note = deepspeed_ops_note(ds_config)
         if note:
             print(note, flush=True)
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed finds the CPU by itself; this silences its warning
@@ -136,8 +163,9 @@ def launch_distributed(cfg: Config, run_id: str | None) -> None:
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
 
 
-def train_worker(cfg: Config) -> dict:
-    """One rank of a distributed launch: train; rank 0 logs metrics to the launching stage's MLflow run."""
+def train_worker(cfg: Config, **collaborators) -> dict:
+    """One rank of a distributed launch: train; rank 0 logs metrics to the launching stage's MLflow run.
+    `collaborators`: see `train_here`."""
     import mlflow
 
     from arft_core.tracking import log_metrics
@@ -149,9 +177,9 @@ def train_worker(cfg: Config) -> dict:
     if state.is_main_process and run_id:
         mlflow.set_tracking_uri(cfg.tracking_uri())
         with mlflow.start_run(run_id=run_id):
-            summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
+            summary = train_here(cfg, lambda m, step: log_metrics(m, step=step), **collaborators)
     else:
-        summary = train_here(cfg, lambda m, step: None)
+        summary = train_here(cfg, lambda m, step: None, **collaborators)
     if state.is_main_process:
         write_json_atomic(cfg.path("train_metrics"), summary)
     # Closed before exit: left open, DeepSpeed's CPU communication can abort a rank at exit (SIGABRT, "terminate
