@@ -76,19 +76,18 @@ def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Pri
 
         typer.echo(yaml.safe_dump({"train": _config(params).train.model_dump(mode="json")}, sort_keys=False))
         return
-    from arft_core.stages.train import machine_rank, train_node
+    import os
 
-    cfg = _config(params)
-    try:
-        node = machine_rank(cfg)
-    except ValueError as exc:
-        _fail(str(exc))
-    if node == 0:
+    from arft_core.stages.train import MACHINE_RANK_ENV, machine_rank, train_node
+
+    if os.environ.get(MACHINE_RANK_ENV, "0").strip() in ("", "0"):  # one machine, or the main node
         _run_stage("train", params)
         return
+    cfg = _config(params)
     try:  # another node of a multi-node launch: its ranks only (no flow run, no MLflow run, no outputs)
+        node = machine_rank(cfg)
         train_node(cfg)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(str(exc))
     console.print(f"[green]train done[/] on node {node} (the main node logs the run and writes the model)")
 

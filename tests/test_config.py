@@ -86,6 +86,16 @@ def test_multi_node_launch_commands(tmp_path):
     assert "--num_machines" not in launch_command(cfg)
 
 
+@pytest.mark.parametrize("rank", ["2", "one", "-1"])
+def test_a_node_rank_outside_the_launch_is_refused_before_anything_starts(tmp_path, monkeypatch, rank):
+    write_params(tmp_path, {"train": {"launcher": "torchrun", "num_machines": 2, "main_process_ip": "10.0.0.1"}})
+    monkeypatch.setenv("ARFT_MACHINE_RANK", rank)
+    proc = arft("train", cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"ARFT_MACHINE_RANK={rank!r}: must be a node rank from 0 to 1" in proc.stderr
+    assert not (tmp_path / "tracking").exists()  # no run was started
+
+
 # ---- every value that can be checked without running fails at load, naming the key and the value (issue 13)
 def load_error(folder: Path, overrides: dict | None = None, text: str | None = None) -> str:
     """The ConfigError of a params.yaml built from the project's (one value changed), or of `text`; loading must

@@ -144,6 +144,15 @@ def test_deepspeed_training_on_two_cpu_ranks_saves_whole_weights(project, zero):
 def test_two_nodes_over_loopback_train_one_zero2_model(project):
     """num_machines 2 x 1 process, both "nodes" on this machine: node 1's `arft train` starts its rank and
     nothing else (no MLflow run, no outputs); node 0's runs the stage, logs and writes the one model."""
+    from mlflow import MlflowClient
+
+    tracking = MlflowClient(load_config(project / "params.yaml").tracking_uri())
+
+    def train_runs() -> int:
+        return len(tracking.search_runs([e.experiment_id for e in tracking.search_experiments()],
+                                        filter_string="tags.`arft.stage` = 'train'"))
+
+    before = train_runs()
     port = free_port()
     set_train(project, mode="step", accelerate_config="infra/accelerate/deepspeed_zero2.yaml", num_processes=1,
               num_machines=2, main_process_ip="127.0.0.1", main_process_port=port)
@@ -159,12 +168,7 @@ def test_two_nodes_over_loopback_train_one_zero2_model(project):
     summary = json.loads((project / "reports" / "train.json").read_text())
     assert summary["steps"] == 2
     assert_trained_model(project, summary)
-
-    import mlflow
-
-    mlflow.set_tracking_uri(load_config(project / "params.yaml").tracking_uri())
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`arft.stage` = 'train'")
-    assert len(runs) == 1  # one run for the launch, from the main node
+    assert train_runs() == before + 1  # one run for the launch, from the main node
 
 
 def test_zero3_agentic_rollouts_where_only_one_rank_calls_a_tool(project):
