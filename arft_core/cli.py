@@ -69,12 +69,14 @@ def _stage_help(stage: Stage) -> str:
 
 
 def train_cmd(show_config: bool = typer.Option(False, "--show-config", help="Print the resolved train settings "
-                                               "(preset applied) as YAML and exit."),
+                                               "(preset applied) as YAML, headed by the run's length, and exit."),
               params: Optional[Path] = ParamsOption) -> None:
     if show_config:
         import yaml
 
-        typer.echo(yaml.safe_dump({"train": _config(params).train.model_dump(mode="json")}, sort_keys=False))
+        train = _config(params).train
+        typer.echo(f"# training length: {train.length()}\n"
+                   + yaml.safe_dump({"train": train.model_dump(mode="json")}, sort_keys=False))
         return
     import os
 
@@ -209,6 +211,48 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
 
 
+@app.command("prompt")
+def prompt_cmd(benchmark: str = typer.Option(..., "--benchmark", help="mat-coding, mat-search or multihop."),
+               mode: str = typer.Option("agent", "--mode", help="agent (the tool loop) or direct (the baseline)."),
+               protocol: Optional[str] = typer.Option(None, "--protocol", help="arft or paper (default: "
+                                                      "agent.protocol)."),
+               question: str = typer.Option(..., "--question", help="The item's question."),
+               labels: Optional[list[str]] = typer.Option(None, "--labels", help="MAT-Coding: the diagnosed "
+                                                          "labels of the scripted first step (repeat the option)."),
+               after_tool: bool = typer.Option(False, "--after-tool", help="The second turn's messages, after a "
+                                               "first step that calls a tool (<problem> or <search>)."),
+               output: Optional[str] = typer.Option(None, "--output", help="That first step's text (default: a "
+                                                    "scripted <problem> with --labels, or <search> the question)."),
+               snippets: Optional[list[str]] = typer.Option(None, "--snippet", help="Search results the first "
+                                                            "step gets (repeat; default: two placeholders)."),
+               rendered: bool = typer.Option(False, "--rendered", help="Print the chat-template text the model "
+                                             "reads instead of the messages."),
+               params: Optional[Path] = ParamsOption) -> None:
+    """Print, as JSON, the exact messages the model receives (text verbatim, images as {"type": "image"}) on an
+    item's first turn, or its second with --after-tool; --rendered prints the chat-template text."""
+    from arft_core.agent.preview import preview_messages
+
+    cfg = _config(params)
+    try:
+        messages = preview_messages(benchmark, mode, protocol or cfg.agent.protocol, question, labels, after_tool,
+                                    output, snippets)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not rendered:
+        typer.echo(json.dumps(messages, ensure_ascii=False, indent=2))
+        return
+    # The chat template is the tokenizer's: the checkpoint's own, or the embedded model's Qwen tokenizer.
+    if cfg.model.name_or_path == "embedded":
+        from arft_core.model.tokenizer import build_qwen_tokenizer
+
+        template = build_qwen_tokenizer(cfg.model.embedded.vocab_size)
+    else:
+        from transformers import AutoTokenizer
+
+        template = AutoTokenizer.from_pretrained(Path(cfg.model.name_or_path).expanduser())
+    typer.echo(template.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), nl=False)
+
+
 @app.command()
 def models(params: Optional[Path] = ParamsOption) -> None:
     """List the registered versions with their aliases and promotion scores."""
@@ -244,9 +288,23 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mo
              checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all: also evaluate every saved "
                                                        "training checkpoint (paths.train_checkpoints), one MLflow "
                                                        "child run per step, and plot F1 vs step."),
+             show_config: bool = typer.Option(False, "--show-config", help="Print the resolved eval and agent "
+                                              "settings (preset, --benchmark and --mode applied) and the model's "
+                                              "dtype and pixel budget as YAML, and exit."),
              params: Optional[Path] = ParamsOption) -> None:
     """Evaluate any model (the trained one, a base checkpoint, a registered version, every training checkpoint)
     with tools and/or the direct baseline."""
+    if show_config:
+        import yaml
+
+        from arft_core.stages.evaluate import eval_overrides
+
+        cfg = eval_overrides(_config(params), benchmarks=benchmark or None, modes=mode or None)
+        typer.echo(yaml.safe_dump({"eval": cfg.eval.model_dump(mode="json"), "agent": cfg.agent.model_dump(mode="json"),
+                                   "model": cfg.model.model_dump(mode="json", include={"dtype", "min_pixels",
+                                                                                       "max_pixels"})},
+                                  sort_keys=False))
+        return
     from mlflow.exceptions import MlflowException
 
     from flows.stages import evaluate_flow

@@ -33,6 +33,13 @@ REWARD_FUNCS = {"step": ("format", "accuracy"), "agentic": ("format", "answer")}
 # splits.
 METRIC_SPLITS = {"mat-coding": ("avg", "simple", "hard"), "mat-search": ("avg", "simple", "hard"),
                  "multihop": ("avg",)}
+BenchmarkName = Literal["mat-coding", "mat-search", "multihop"]
+# The authors' max_new_tokens per benchmark (spec §6.2): the default of eval.max_new_tokens.
+PAPER_MAX_NEW_TOKENS = {"mat-coding": 1024, "mat-search": 2048, "multihop": 2048}
+# Sections a train preset may set: a recipe also fixes how its model is evaluated. The stages reading them track
+# train_presets and train.preset in dvc.yaml (model, data and search stages stay independent of the recipe).
+PRESET_SECTIONS = ("train", "eval", "agent")
+PRESET_KEYS = ("extends", "by_task")  # a preset's own keys beside its sections
 
 
 class FieldError(ValueError):
@@ -360,8 +367,10 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     """GRPO training (TRL GRPOTrainer) on the step samples of one task (the paper trains the tasks separately)."""
 
-    preset: str | None = Field(None, description="Name of a `train_presets` entry whose values override these "
-                               "(e.g. `paper`: the authors' effective settings, pinned).")
+    preset: str | None = Field(None, description="Name of a `train_presets` entry whose values override these and "
+                               "the eval / agent sections' (e.g. `paper-coding`: the authors' coding run, pinned: "
+                               "optimiser, length, checkpoint, evaluation). `arft train --show-config` and `arft "
+                               "eval --show-config` print the result.")
     mode: Literal["step", "agentic"] = Field(
         "step", description="step: the paper's recipe, one completion per teacher step sample (tool results "
         "pre-filled offline); agentic: online multi-turn rollouts, the policy's own <code>/<search> run through the "
@@ -373,7 +382,15 @@ class TrainConfig(Section):
     turn_max_new_tokens: int = Field(32, description="agentic: max new tokens per model turn; the whole trajectory "
                                      "(model + tool tokens) is capped by max_completion_length.", ge=1)
     seed: int = Field(42, description="Training seed.")
-    max_steps: int = Field(4, description="GRPO optimizer steps.", ge=1)
+    max_steps: int | None = Field(None, description="GRPO optimizer steps; null: num_train_epochs passes over the "
+                                  "step samples decide the length (the paper's way).", ge=1)
+    num_train_epochs: float = Field(1.0, description="Passes over the training rows when max_steps is null (paper: "
+                                    "10 coding, 400 search). With max_steps set it is ignored.", gt=0)
+    checkpoint_step: int | None = Field(
+        None, description="The step whose weights become the trained model (the one evaluated and registered): "
+        "training stops there while the learning-rate schedule keeps the whole run's length, so the weights are "
+        "that checkpoint of the full run (paper: 1400 of 10 coding epochs, 200 of 400 search epochs). null: the "
+        "last step.", ge=1)
     learning_rate: float = Field(1e-5, description="AdamW learning rate (paper: 1e-6).", gt=0)
     lr_scheduler_type: SchedulerName = Field(
         "linear", description="Learning-rate schedule, a transformers SchedulerType that needs no extra arguments "
@@ -429,21 +446,46 @@ class TrainConfig(Section):
     def _pixel_bounds(self) -> TrainConfig:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise FieldError("min_pixels", f"larger than train.max_pixels ({self.max_pixels})", self.min_pixels)
+        if self.checkpoint_step and self.max_steps and self.checkpoint_step > self.max_steps:
+            raise FieldError("checkpoint_step", f"after the last step, train.max_steps ({self.max_steps})",
+                             self.checkpoint_step)
         return self
+
+    def length(self) -> str:
+        """How long training runs, in words (`arft train --show-config`)."""
+        run = f"{self.max_steps} steps" if self.max_steps else f"{self.num_train_epochs:g} epochs"
+        stop = f", stopping at step {self.checkpoint_step} (train.checkpoint_step)" if self.checkpoint_step else ""
+        saves = f", a checkpoint every {self.save_steps} steps" if self.save_steps else ", no checkpoints"
+        return f"learning-rate schedule over {run}{stop}{saves}"
 
 
 class AgentConfig(Section):
     """The agent loop shared by evaluation and online training (spec §2, §6.2)."""
 
+    protocol: Literal["arft", "paper"] = Field(
+        "arft", description="arft: our protocol (stop at the closing action tag, error feedback, explicit seeded "
+        "decoding from `eval`); paper: byte for byte the authors' evaluation (their prompts, tips, one re-sent user "
+        "message, no error feedback, no stop strings, their max new tokens per benchmark and the checkpoint's "
+        "generation_config) so that a released Visual-ARFT checkpoint behaves as in their scripts.")
     max_turns: int = Field(5, description="Model calls per item before it ends unanswered (paper: 5).", ge=1)
-    transcript: Literal["chat", "single_message"] = Field(
-        "chat", description="chat: a multi-turn conversation, each tool result its own user turn (with the new "
-        "image); single_message: the paper's form, one user message re-sent with the transcript appended and "
-        "only the current image.")
+    transcript: Literal["auto", "chat", "single_message"] = Field(
+        "auto", description="auto: the form the model was trained in (evaluation reads train.mode: step -> "
+        "single_message, agentic -> chat); chat: a multi-turn conversation, each tool result its own user turn "
+        "(with the new image); single_message: the paper's form, one user message re-sent with the transcript "
+        "appended and only the current image (always so under protocol paper).")
     coding_tips: bool = Field(True, description="Inject the paper's <tips> after a <problem> step.")
     crop_teacher_forcing: bool = Field(
-        False, description="The paper's eval hack: overwrite every 2-D slice in crop items' code with the "
-        "ground-truth box from the question (teacher forcing; off for honest numbers).")
+        False, description="The paper's eval hack: a crop diagnosed by the model (first sorted <problem> label) "
+        "gets every 2-D slice in its code overwritten with the ground-truth box from the question (teacher "
+        "forcing; off for honest numbers).")
+
+    def for_training_mode(self, mode: str) -> AgentConfig:
+        """These settings with `transcript: auto` resolved for a model trained in `mode`: step-mode samples are
+        one user message with the chain appended, agentic trajectories are chat turns; evaluating in the other
+        form would put the model out of distribution."""
+        if self.transcript != "auto":
+            return self
+        return self.model_copy(update={"transcript": "single_message" if mode == "step" else "chat"})
 
 
 class EvalConfig(Section):
@@ -456,21 +498,90 @@ class EvalConfig(Section):
         min_length=1)
     backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Generation back-end; auto uses vLLM when it is installed and a GPU is present.")
-    max_new_tokens: int = Field(32, description="Max tokens generated per model call (paper: 1024 coding, "
-                                "2048 search).", ge=1)
+    max_new_tokens: dict[BenchmarkName, int] = Field(
+        dict(PAPER_MAX_NEW_TOKENS), description="Max tokens generated per model call, per benchmark (the paper's "
+        "scripts: 1024 mat-coding, 2048 mat-search and multihop). One number sets every benchmark; a mapping may "
+        "name some benchmarks, the others keep these defaults.")
     batch_size: int = Field(8, description="Model calls generated together (items at the same turn).", ge=1)
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(1.0, description="Sampling temperature when do_sample is true.", gt=0)
-    top_p: float = Field(1.0, description="Nucleus sampling mass when do_sample is true.", gt=0, le=1)
-    repetition_penalty: float = Field(1.0, description="Repetition penalty (stock Qwen2.5-VL configs: 1.05).", gt=0)
-    seed: int = Field(0, description="Generation seed.")
-    multihop_path: str | None = Field(None, description="A FlashRAG-style JSONL file (id, question, "
-                                      "golden_answers); null uses the FanOutQA dev set bundled with `fanoutqa`.")
-    multihop_limit: int | None = Field(16, description="First N multi-hop questions (null: all).", ge=1)
+    decoding: Literal["explicit", "checkpoint"] = Field(
+        "explicit", description="explicit: do_sample, temperature, top_p, top_k and repetition_penalty below, "
+        "seeded; checkpoint: those five from the model folder's generation_config.json, as the authors' scripts "
+        "(HF generate with no sampling arguments; stock Qwen2.5-VL: do_sample with top_k 1, repetition_penalty "
+        "1.05). Either way the values used are logged with the evaluation.")
+    do_sample: bool = Field(False, description="explicit decoding: sample instead of greedy decoding.")
+    temperature: float = Field(1.0, description="explicit decoding: sampling temperature when do_sample is true.",
+                               gt=0)
+    top_p: float = Field(1.0, description="explicit decoding: nucleus sampling mass when do_sample is true.", gt=0,
+                         le=1)
+    top_k: int = Field(0, description="explicit decoding: top-k cut when do_sample is true; 0: off (a checkpoint's "
+                       "own top_k is never left in force).", ge=0)
+    repetition_penalty: float = Field(1.05, description="explicit decoding: repetition penalty (stock Qwen2.5-VL "
+                                      "generation_config: 1.05).", gt=0)
+    seed: int = Field(0, description="Generation seed (each batch is seeded from it, whatever the decoding).")
+    multihop_files: dict[str, str] = Field(
+        {}, description="Multi-hop QA datasets evaluated in one run: dataset name -> FlashRAG-style JSONL file (id, "
+        "question, golden_answers), relative to the project root (paper, Table 2: 2Wiki, HotpotQA, MuSiQue dev.jsonl, "
+        "Bamboogle test.jsonl). Each dataset gets its own F1/EM/no-answer rate, `multihop.<mode>.<name>.<metric>`, "
+        "and multihop's avg is their mean (Table 2's Avg). Empty: the bundled FanOutQA dev set only.")
+    multihop_fanoutqa: bool | None = Field(
+        None, description="Evaluate the FanOutQA dev set bundled with `fanoutqa` (310 questions) as the dataset "
+        "`fanoutqa`: true: beside multihop_files; false: never; null: only when multihop_files is empty.")
+    multihop_limit: int | None = Field(16, description="First N questions of each multi-hop dataset (null: all of "
+                                       "them, e.g. the full FanOutQA dev set).", ge=1)
     report_images_px: int = Field(320, description="Longest side of images inlined in the HTML report.", ge=32)
     checkpoints: Literal["none", "all"] = Field(
         "none", description="all: the evaluate stage also evaluates every saved training checkpoint "
         "(paths.train_checkpoints) on the same evaluation, one MLflow child run per step, and plots F1 vs step.")
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _per_benchmark(cls, v: Any) -> Any:
+        # One number: every benchmark (e.g. `dvc exp run -S eval.max_new_tokens=64`); a partial mapping keeps the
+        # paper's value for the benchmarks it does not name.
+        if isinstance(v, (int, str)) and not isinstance(v, bool):
+            return {b: v for b in PAPER_MAX_NEW_TOKENS}
+        if isinstance(v, dict):
+            for name, n in v.items():
+                if name not in PAPER_MAX_NEW_TOKENS:
+                    raise FieldError(str(name), f"not a benchmark; known: {', '.join(PAPER_MAX_NEW_TOKENS)}", n)
+                if isinstance(n, int) and not isinstance(n, bool) and n < 1:
+                    raise FieldError(str(name), "at least 1 token", n)
+            return {**PAPER_MAX_NEW_TOKENS, **v}
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _multihop_path_renamed(cls, data: Any) -> Any:
+        # A params file from before multihop_files: say what replaced the key, not just "unknown key".
+        if isinstance(data, dict) and "multihop_path" in data:
+            raise FieldError("multihop_path", "replaced by eval.multihop_files, dataset name -> FlashRAG file (e.g. "
+                             "{hotpotqa: data/flashrag/hotpotqa/dev.jsonl})", data["multihop_path"])
+        return data
+
+    @field_validator("multihop_files")
+    @classmethod
+    def _multihop_names(cls, v: dict[str, str]) -> dict[str, str]:
+        # A name is a metric-name part (`multihop.<mode>.<name>.f1`) and a key beside a benchmark's other scores.
+        reserved = ("avg", "simple", "hard", "by_type", "tool_calls", "end", "mean_turns")
+        for name, path in v.items():
+            if not (name.isascii() and name[:1].isalnum() and name.replace("-", "").replace("_", "").isalnum()):
+                raise FieldError(name, "a dataset name is letters, digits, '-' and '_', starting with a letter or "
+                                 "digit", name)
+            if name in reserved:
+                raise FieldError(name, f"reserved for other scores ({', '.join(reserved)}); pick another name", name)
+            if not path.strip():
+                raise FieldError(name, "empty path; give the dataset's FlashRAG JSONL file", path)
+        return v
+
+    @model_validator(mode="after")
+    def _multihop_datasets(self) -> EvalConfig:
+        if self.multihop_fanoutqa and "fanoutqa" in self.multihop_files:
+            raise FieldError("multihop_files.fanoutqa", "the name of the bundled FanOutQA dev set, which "
+                             "eval.multihop_fanoutqa adds; rename this dataset", self.multihop_files["fanoutqa"])
+        if self.multihop_fanoutqa is False and not self.multihop_files and "multihop" in self.benchmarks:
+            raise FieldError("multihop_fanoutqa", "false with an empty eval.multihop_files leaves the multihop "
+                             "benchmark no dataset", False)
+        return self
 
 
 class SandboxConfig(Section):
@@ -551,9 +662,11 @@ class Config(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data validation.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO training.")
     train_presets: dict[str, dict[str, Any]] = Field(
-        {}, description="Named sets of `train` values; `train.preset` picks one, and its values win over the "
-        "`train` section's. params.yaml defines `paper`, the authors' effective settings (the one place they are "
-        "written).")
+        {}, description="Named recipes; `train.preset` picks one and its values win over the sections' own. A "
+        "preset holds sections of values (train, eval, agent), optionally `extends: <preset>` (whose values it "
+        "overrides) and `by_task: {coding: {sections}, search: {sections}}` (applied for the resolved train.task). "
+        "params.yaml defines `paper` (the authors' settings and run length for train.task) and `paper-coding` / "
+        "`paper-search` (each run as one switch), the one place those values are written.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
@@ -577,7 +690,8 @@ class Config(Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_train_preset(cls, data: Any) -> Any:
-        """`train.preset: NAME` -> the preset's values win over the `train` section's (nested sections merge)."""
+        """`train.preset: NAME` -> the sections the preset sets (resolve_preset) win over params' own (nested
+        mappings merge)."""
         if not isinstance(data, dict) or not isinstance(data.get("train"), dict) or not data["train"].get("preset"):
             return data
         name = data["train"]["preset"]
@@ -585,21 +699,20 @@ class Config(Section):
         if not isinstance(presets, dict) or not isinstance(presets.get(name), dict):
             defined = ", ".join(presets) if isinstance(presets, dict) and presets else "none"
             raise FieldError("train.preset", f"unknown preset; train_presets defines: {defined}", name)
-        train = dict(data["train"])
-        for key, value in presets[name].items():
-            train[key] = {**(train.get(key) or {}), **value} if isinstance(value, dict) else value
-        return {**data, "train": train}
+        try:  # the same check as _valid_presets, which runs only after this validator
+            check_presets(presets)
+        except FieldError as e:
+            raise FieldError(f"train_presets.{e.key}", e.message, e.value) from None
+        out = dict(data)
+        for section, values in resolve_preset(presets, name, data["train"].get("task")).items():
+            out[section] = _deep_merge(out.get(section) or {}, values)
+        return out
 
     @field_validator("train_presets")
     @classmethod
     def _valid_presets(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Every preset, used or not, holds valid `train` values (checked over the defaults)."""
-        for name, values in v.items():
-            try:
-                TrainConfig.model_validate(values)
-            except ValidationError as err:
-                key, message, value = _error_parts(err.errors()[0])
-                raise FieldError(f"{name}.{key}", message, value) from None
+        """Every preset, used or not, holds valid values for either task (checked over the defaults)."""
+        check_presets(v)
         return v
 
     @classmethod
@@ -637,6 +750,75 @@ class Config(Section):
         if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
             uri = prefix + str((self.root / uri[len(prefix):]).resolve())
         return uri
+
+
+_SECTION_MODELS: dict[str, type[Section]] = {"train": TrainConfig, "eval": EvalConfig, "agent": AgentConfig}
+TASKS = ("coding", "search")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_preset(presets: dict[str, dict], name: str, task: str | None = None) -> dict[str, dict]:
+    """The sections preset `name` sets: its `extends` chain merged base first, each preset's values followed by
+    its `by_task` entry for the task (the chain's train.task, else `task`, else train.task's default)."""
+    chain: list[str] = []
+    while name is not None:
+        if name in chain:
+            raise FieldError(f"{chain[-1]}.extends", "extends itself: " + " -> ".join([*chain, name]), name)
+        if not isinstance(presets.get(name), dict):
+            raise FieldError(f"{chain[-1]}.extends" if chain else name, f"unknown preset; train_presets defines: "
+                             f"{', '.join(presets)}", name)
+        chain.append(name)
+        name = presets[name].get("extends")
+    chain.reverse()
+    pinned = [(presets[n].get("train") or {}).get("task") for n in chain]
+    task = next((t for t in reversed(pinned) if t), None) or task or TrainConfig.model_fields["task"].default
+    merged: dict = {}
+    for preset in (presets[n] for n in chain):  # a preset's values, its by_task entry included, win over its base's
+        merged = _deep_merge(merged, {k: v for k, v in preset.items() if k in PRESET_SECTIONS})
+        merged = _deep_merge(merged, (preset.get("by_task") or {}).get(task) or {})
+    return merged
+
+
+def _check_sections(sections: Any, where: str) -> None:
+    if not isinstance(sections, dict):
+        raise FieldError(where, "a mapping of sections (train, eval, agent)", sections)
+    for section, values in sections.items():
+        if section not in PRESET_SECTIONS:
+            raise FieldError(f"{where}.{section}", f"not a section a preset sets ({', '.join(PRESET_SECTIONS)}) nor "
+                             f"a preset key ({', '.join(PRESET_KEYS)}); train values go under `train:`", values)
+        if not isinstance(values, dict):
+            raise FieldError(f"{where}.{section}", "a mapping of that section's keys", values)
+        if section == "train" and "preset" in values:
+            raise FieldError(f"{where}.train.preset", "a preset cannot select another; use extends", values["preset"])
+
+
+def check_presets(presets: dict[str, Any]) -> None:
+    """Every preset is well formed and, resolved for each task, holds valid section values (over the defaults);
+    a FieldError names the key under train_presets."""
+    for name, preset in presets.items():
+        if not isinstance(preset, dict):
+            raise FieldError(name, "a preset is a mapping of sections (train, eval, agent)", preset)
+        _check_sections({k: v for k, v in preset.items() if k not in PRESET_KEYS}, name)
+        by_task = preset.get("by_task") or {}
+        if not isinstance(by_task, dict):
+            raise FieldError(f"{name}.by_task", f"a mapping of train.task ({', '.join(TASKS)}) to sections", by_task)
+        for task, sections in by_task.items():
+            if task not in TASKS:
+                raise FieldError(f"{name}.by_task.{task}", f"not a train.task; known: {', '.join(TASKS)}", task)
+            _check_sections(sections, f"{name}.by_task.{task}")
+        for task in TASKS:
+            for section, values in resolve_preset(presets, name, task).items():
+                try:
+                    _SECTION_MODELS[section].model_validate(values)
+                except ValidationError as err:
+                    key, message, value = _error_parts(err.errors()[0])
+                    raise FieldError(f"{name}.{section}.{key}", message, value) from None
 
 
 _SECTION_NAMES = frozenset(Config.model_fields)
@@ -694,6 +876,9 @@ def pipeline_errors(cfg: Config) -> list[tuple[str, str, Any]]:
                        f"{t.mode!r} ({', '.join(funcs)})", t.reward_weights))
     if t.launcher == "accelerate" and not (cfg.root / t.accelerate_config).is_file():
         errors.append(("train.accelerate_config", f"no such file under {cfg.root}", t.accelerate_config))
+    for name, file in cfg.eval.multihop_files.items():  # checked here: relative paths need the project root
+        if not (cfg.root / file).is_file():
+            errors.append((f"eval.multihop_files.{name}", f"no such file: {cfg.root / file}", file))
     if t.launcher != "none" and t.num_machines > 1 and not t.main_process_ip:
         errors.append(("train.main_process_ip", "a multi-node launch (train.num_machines > 1) needs the rank-0 "
                        "node's address", t.main_process_ip))

@@ -1,6 +1,7 @@
 """MAT evaluation: MAT-Coding, MAT-Search and multi-hop QA, with the agent loop (tools) and with the paper's
 direct-answer baseline, batched across items. Produces predictions in the authors' released format (plus each
-item's trajectory), metrics per benchmark and mode, and a self-contained HTML report.
+item's trajectory), metrics per benchmark and mode (multi-hop QA: per dataset too), and a self-contained HTML
+report.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class BenchItem:
 
 
 def load_benchmark(name: str, cfg: Config) -> list[BenchItem]:
-    """The test items of one benchmark, from the pipeline's data folders (multi-hop: FanOutQA or a FlashRAG file)."""
+    """The test items of one benchmark, from the pipeline's data folders. Multi-hop: the datasets of
+    `eval.multihop_files` (and/or FanOutQA dev), each item's split being its dataset's name."""
     import json
 
     if name == "mat-coding":
@@ -39,15 +41,20 @@ def load_benchmark(name: str, cfg: Config) -> list[BenchItem]:
                 for i in json.loads((folder / "test.json").read_text())]
     if name == "mat-search":
         folder = cfg.path("mat_search")
-        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"], folder / i["image_path"]),
-                          i.get("split"))
+        # Annotated gold searches (manifest `gold.queries`, absent for unannotated items) feed the env's
+        # query-similarity reward part.
+        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"], folder / i["image_path"],
+                                  gold_queries=list((i.get("gold") or {}).get("queries") or [])), i.get("split"))
                 for i in json.loads((folder / "test.json").read_text())]
     if name == "multihop":
-        from arft_core.data.multihop import load_fanoutqa_dev, load_flashrag
+        from arft_core.data.multihop import load_datasets
 
-        items = (load_flashrag(cfg.root / cfg.eval.multihop_path) if cfg.eval.multihop_path
-                 else load_fanoutqa_dev())[:cfg.eval.multihop_limit]
-        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"])) for i in items]
+        e = cfg.eval
+        datasets = load_datasets(e.multihop_files, fanoutqa=e.multihop_fanoutqa, limit=e.multihop_limit,
+                                 root=cfg.root)
+        # The dataset as the split: score_run then scores each one (`multihop.<mode>.<dataset>.*`).
+        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"]), dataset)
+                for dataset, items in datasets.items() for i in items]
     raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(metrics.BENCHMARKS)}")
 
 
@@ -99,6 +106,8 @@ def score_run(items: list[BenchItem], records: list[dict], benchmark: str) -> tu
                             "f1": round(s["f1"], 4), "em": s["em"], "end": rec["end"], "n_turns": rec["n_turns"],
                             "tool_calls": rec["tool_calls"], "turns": rec["turns"]})
     out: dict[str, Any] = metrics.aggregate(rows)
+    if benchmark == "multihop":
+        out = _by_dataset(out, [b.split for b in items])
     if cjk:
         out["by_type"] = {k: v for k, v in metrics.aggregate(rows, by="type").items() if k != "avg"}
     calls = [r["tool_calls"] for r in records]
@@ -110,15 +119,26 @@ def score_run(items: list[BenchItem], records: list[dict], benchmark: str) -> tu
     return out, predictions
 
 
+def _by_dataset(scores: dict, splits: list[str | None]) -> dict:
+    """Multi-hop scores: one entry per dataset in plan order, and `avg` their unweighted mean (`n`: all items), as
+    the paper's Table 2 Avg column: pooled, 2Wiki's 12,576 questions would drown Bamboogle's 125."""
+    names = list(dict.fromkeys(s for s in splits if s))
+    if not names:  # a hand-built plan without datasets: the pooled average
+        return scores
+    per = [scores[n] for n in names]
+    mean = {"n": sum(d["n"] for d in per),
+            **{m: round(sum(d[m] for d in per) / len(per), 2) for m in ("f1", "em", "squad_f1", "no_answer_rate")}}
+    return {"avg": mean, **{n: scores[n] for n in names}}
+
+
 def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None,
              generator=None, plan: dict[str, list[BenchItem]] | None = None) -> tuple[dict, dict[str, list[dict]], str]:
     """Run every configured benchmark and mode. Returns (metrics[benchmark][mode], predictions["bench.mode"],
-    the HTML report). `generator` defaults to `make_generator` on `model_dir` (vLLM when available); `plan` is the
-    loaded benchmarks (default: `load_benchmark` for each of `cfg.eval.benchmarks`)."""
-    from arft_core.agent.generation import make_generator
-
+    the HTML report). `generator` defaults to `eval_generator` on `model_dir`; its `max_new_tokens` is set to each
+    benchmark's eval.max_new_tokens in turn. `plan` is the loaded benchmarks (default: `load_benchmark` for each of
+    `cfg.eval.benchmarks`)."""
     plan = plan or {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
-    generator = generator or make_generator(model_dir, cfg.eval, cfg.model.dtype)
+    generator = generator or eval_generator(model_dir, cfg)
     needs_code = "agent" in cfg.eval.modes and "mat-coding" in plan
     needs_search = "agent" in cfg.eval.modes and any(b != "mat-coding" for b in plan)
     results: dict[str, dict] = {}
@@ -126,9 +146,11 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
     sections = []
     with tempfile.TemporaryDirectory(prefix="arft-eval-") as scratch, _tools(cfg, needs_code, needs_search) as tools:
         for bench, items in plan.items():
+            generator.max_new_tokens = cfg.eval.max_new_tokens[bench]  # the paper's 1024 coding / 2048 search
             for mode in cfg.eval.modes:
                 if mode == "agent":
-                    envs = [AgentEnv(b.env, tools, cfg.agent, Path(scratch) / bench / f"item-{k}")
+                    agent = cfg.agent.for_training_mode(cfg.train.mode)
+                    envs = [AgentEnv(b.env, tools, agent, Path(scratch) / bench / f"item-{k}")
                             for k, b in enumerate(items)]
                     records = run_episodes(envs, generator, tool_threads=cfg.sandbox.workers, progress=progress)
                 else:
@@ -139,6 +161,34 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
                 sections.append(render_section(bench, mode, scores, items, preds, cfg.eval.report_images_px))
                 predictions[f"{bench}.{mode}"] = [_portable(p) for p in preds]
     return results, predictions, render_report(results, sections)
+
+
+def eval_generator(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None):
+    """The evaluation's model back-end on `model_dir`: eval's back-end and decoding, the protocol's stop strings
+    (none under `paper`), the processor's pixel budget from model.min_pixels / max_pixels whatever the
+    checkpoint's own."""
+    from arft_core.agent.generation import make_generator
+    from arft_core.protocol import stop_sequences
+
+    return make_generator(model_dir, cfg.eval, cfg.model.dtype, progress,
+                          stop_sequences=stop_sequences(cfg.agent.protocol), min_pixels=cfg.model.min_pixels,
+                          max_pixels=cfg.model.max_pixels)
+
+
+def generation_settings(generator, cfg: Config) -> dict[str, Any]:
+    """What the back-end generated with, flat (MLflow params of the evaluation): the resolved decoding (under
+    `eval.decoding: checkpoint`, the checkpoint's values), max new tokens per benchmark, stop strings, and the
+    processor's pixel bounds (HF back-end)."""
+    out: dict[str, Any] = {"generation.source": cfg.eval.decoding}
+    out.update({f"generation.{k}": v for k, v in (getattr(generator, "decoding", None) or {}).items()})
+    out.update({f"generation.max_new_tokens.{b}": n for b, n in cfg.eval.max_new_tokens.items()})
+    if hasattr(generator, "stop_sequences"):
+        out["generation.stop_sequences"] = " ".join(generator.stop_sequences) or "none"
+    if getattr(generator, "processor", None) is not None:
+        from arft_core.model.processor import pixel_budget
+
+        out["generation.min_pixels"], out["generation.max_pixels"] = pixel_budget(generator.processor)
+    return out
 
 
 class _tools:
@@ -196,9 +246,20 @@ def _table(scores: dict) -> str:
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
+def _dataset_table(scores: dict) -> str:
+    """Multi-hop QA: one row per dataset, then `avg`, their mean (the paper's Table 2, one row per column)."""
+    names = [k for k in scores if k != "avg" and isinstance(scores[k], dict) and "f1" in scores[k]] + ["avg"]
+    columns = ("n", "f1", "em", "squad_f1", "no_answer_rate")
+    head = "".join(f"<th>{c}</th>" for c in ("dataset", *columns))
+    body = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{scores[n][c]}</td>" for c in columns) + "</tr>"
+                   for n in names)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def render_section(bench: str, mode: str, scores: dict, items: list[BenchItem], preds: list[dict], px: int) -> str:
     esc = html.escape
-    parts = [f'<h2 id="{bench}-{mode}">{esc(bench)} · {esc(mode)}</h2>', _table(scores)]
+    parts = [f'<h2 id="{bench}-{mode}">{esc(bench)} · {esc(mode)}</h2>',
+             _dataset_table(scores) if bench == "multihop" else _table(scores)]
     if "by_type" in scores:
         parts.append("<h3>By corruption type</h3>" + _table(scores["by_type"]))
     parts.append(f"<p>tool calls per item: {esc(str(scores['tool_calls']))}; endings: {esc(str(scores['end']))}</p>")
@@ -211,16 +272,26 @@ def render_section(bench: str, mode: str, scores: dict, items: list[BenchItem], 
             tool = f"<pre>{esc(obs.get('text') or '')}</pre>" if obs.get("text") else ""
             turns.append(f'<div class="turn"><b>turn {k}</b> <pre>{esc(t.get("output") or "")}</pre>{err}{tool}'
                          f'{inline_image(obs.get("image"), px)}</div>')
+        dataset = f"{esc(b.split)} " if bench == "multihop" and b.split else ""
         parts.append(
-            f'<details class="{ok}"><summary>#{esc(str(p["id"]))} F1 {p["f1"]:.2f} · '
+            f'<details class="{ok}"><summary>{dataset}#{esc(str(p["id"]))} F1 {p["f1"]:.2f} · '
             f'{esc(str(p["pred_answer"]))} · gold {esc(str(p["gt"]))} · {esc(str(p["end"]))}</summary>'
             f'<p>{esc(b.env.question)}</p>{inline_image(b.env.image, px)}{"".join(turns)}</details>')
     return "\n".join(parts)
 
 
+def _dataset_summary(bench: str, scores: dict) -> str:
+    """Multi-hop QA's datasets under its summary line (avg is their mean)."""
+    names = [k for k in scores if k != "avg" and isinstance(scores[k], dict) and "f1" in scores[k]]
+    if bench != "multihop" or not names:
+        return ""
+    return "<ul>" + "".join(f'<li>{html.escape(n)}: F1 {scores[n]["f1"]}, EM {scores[n]["em"]}, no answer '
+                            f'{scores[n]["no_answer_rate"]}% (n={scores[n]["n"]})</li>' for n in names) + "</ul>"
+
+
 def render_report(results: dict, sections: list[str]) -> str:
     summary = "".join(f'<li><a href="#{b}-{m}">{b} · {m}</a>: F1 {s["avg"]["f1"]}, EM {s["avg"]["em"]}, '
-                      f'no answer {s["avg"]["no_answer_rate"]}%</li>'
+                      f'no answer {s["avg"]["no_answer_rate"]}%{_dataset_summary(b, s)}</li>'
                       for b, modes in results.items() for m, s in modes.items())
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;background:#f4f4f4;"
              "padding:4px}td,th{border:1px solid #ccc;padding:2px 8px}table{border-collapse:collapse}"

@@ -41,12 +41,16 @@ One Python code block using OpenCV to perform the operation, and save the proces
 <think> Summarize the processing steps and provide the result or outcome </think> 
 <answer> Final answer, as briefly as possible</answer>
 
-# Current reasoning chain:"""
+# Current reasoning chain:
+"""
 
-# The paper's search prompt, verbatim (spec §2.2; several lines end with two spaces, kept on purpose).
-SEARCH_SYSTEM_PROMPT = '# Role  \nYou are a step-by-step multimodal reasoning assistant.  \nGiven an image, a question, and optional partial reasoning chain, your task is to solve the problem **one substep at a time**.  \n\n# Guiding Principles  \nAt each turn, you must **either**:  \n1. Issue **one specific, text-only search** enclosed in <search> </search> tags,  \n2. Or provide the **final answer** enclosed in <answer> </answer> tags.  \n\nAll outputs **must begin with a thought** enclosed in <think> </think> tags, explaining your current reasoning and what to do next.  \n\n- Do not reference “the image” in your searches.  \n- Do not repeat past queries.  \n- Only output **one action per step**: either <search> or <answer>, never both.  \n- When ready to conclude, summarize reasoning and give a final answer.\n\n# Output Format (strict):  \nAlways start with <think>. Do not output the previous reasoning chain. Then, depending on the case, output one of the following:\n\n## 1. If reasoning continues:  \n<think> Your current reasoning and next plan </think>  \n<search> One precise, retrievable textual query </search>\n\n## 2. If ready to conclude:  \n<think> Summarize all reasoning and derive the answer </think>  \n<answer> Final answer, as briefly as possible </answer>\n\n# Current reasoning chain:'
+# The paper's search prompt, verbatim (spec §2.2; several lines end with two spaces, kept on purpose). Both prompts
+# end with a newline, as the authors' strings do: the `<query>` line follows after one more ("chain:\n\n<query>").
+SEARCH_SYSTEM_PROMPT = '# Role  \nYou are a step-by-step multimodal reasoning assistant.  \nGiven an image, a question, and optional partial reasoning chain, your task is to solve the problem **one substep at a time**.  \n\n# Guiding Principles  \nAt each turn, you must **either**:  \n1. Issue **one specific, text-only search** enclosed in <search> </search> tags,  \n2. Or provide the **final answer** enclosed in <answer> </answer> tags.  \n\nAll outputs **must begin with a thought** enclosed in <think> </think> tags, explaining your current reasoning and what to do next.  \n\n- Do not reference “the image” in your searches.  \n- Do not repeat past queries.  \n- Only output **one action per step**: either <search> or <answer>, never both.  \n- When ready to conclude, summarize reasoning and give a final answer.\n\n# Output Format (strict):  \nAlways start with <think>. Do not output the previous reasoning chain. Then, depending on the case, output one of the following:\n\n## 1. If reasoning continues:  \n<think> Your current reasoning and next plan </think>  \n<search> One precise, retrievable textual query </search>\n\n## 2. If ready to conclude:  \n<think> Summarize all reasoning and derive the answer </think>  \n<answer> Final answer, as briefly as possible </answer>\n\n# Current reasoning chain:\n'
 
 TASKS = ("coding", "search")
+# The two protocols (`agent.protocol`): ours, and the authors' evaluation harness byte for byte (spec §2, §6.2).
+PROTOCOLS = ("arft", "paper")
 ACTIONS = {"coding": ("problem", "code", "answer"), "search": ("search", "answer")}
 # Generation stops right after a closing action tag: the model cannot go on to write its own `<information>`
 # (the paper's harness had no stop sequences, spec §6.2).
@@ -57,6 +61,14 @@ STOP_SEQUENCES = ("</answer>", "</search>", "</code>", "</problem>")
 ROTATIONS = ("rotation90", "rotation180")
 PHOTOMETRIC = ("dark", "overexposure", "blur", "noise")
 PROBLEM_LABELS = (*ROTATIONS, *PHOTOMETRIC, "crop", "none")
+
+
+def stop_sequences(protocol: str) -> tuple[str, ...]:
+    """Where generation stops under `protocol`: after a closing action tag (ours), or nowhere (the paper's
+    harness generated until EOS or the token cap)."""
+    return () if protocol == "paper" else STOP_SEQUENCES
+
+
 DEFAULT_MAX_TURNS = 5  # the paper's cap on model calls per item (spec §6.2)
 
 # The direct-answer baselines' suffixes (spec §6.2): MAT benchmarks, and text multi-hop QA.
@@ -89,21 +101,26 @@ def system_prompt(task: str) -> str:
     return {"coding": CODING_SYSTEM_PROMPT, "search": SEARCH_SYSTEM_PROMPT}[task]
 
 
-def query_text(task: str, question: str) -> str:
-    """The first user text: the system prompt, then the question in `<query>` tags (training's well-formed form;
-    the paper's coding eval wrote `<query> q <query>`, a defect not reproduced)."""
+def query_text(task: str, question: str, protocol: str = "arft") -> str:
+    """The first user text: the system prompt, then the question in `<query>` tags. The paper's coding harness
+    writes it with no newline and a malformed closing tag (`<query> q <query>`, spec §2.3), reproduced under the
+    `paper` protocol only; training rows and everything else use `\n<query> q </query>`."""
+    if protocol == "paper" and task == "coding":
+        return f"{system_prompt(task)}<query> {question} <query>"
     return f"{system_prompt(task)}\n<query> {question} </query>"
 
 
-def search_prompt(question: str, with_image: bool = True) -> list[dict]:
+def search_prompt(question: str, with_image: bool = True, protocol: str = "arft") -> list[dict]:
     """Chat messages for one MAT-Search question (text-only multi-hop QA passes `with_image=False`)."""
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": query_text("search", question)}]
+    content = ([{"type": "image"}] if with_image else []) + [
+        {"type": "text", "text": query_text("search", question, protocol)}]
     return [{"role": "user", "content": content}]
 
 
-def coding_prompt(question: str) -> list[dict]:
-    """Chat messages for one MAT-Coding question: image first, then prompt and `<query>` (training's form)."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query_text("coding", question)}]}]
+def coding_prompt(question: str, protocol: str = "arft") -> list[dict]:
+    """Chat messages for one MAT-Coding question: image first, then prompt and `<query>`."""
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": query_text("coding", question, protocol)}]}]
 
 
 def direct_prompt(question: str, kind: str, with_image: bool = True) -> list[dict]:
@@ -190,12 +207,43 @@ def problem_labels(content: str, sort: bool = True) -> list[str]:
 
 
 def tips(labels: list[str]) -> str:
-    """The coding harness's hint after a `<problem>` step, keyed on the first diagnosed label."""
+    """The coding harness's hint after a `<problem>` step, keyed on the first label of `labels` (our protocol
+    passes them as written; the paper's harness sorts them first, see `paper_tips`)."""
     if labels and labels[0] == "crop":
         return _TIPS_CROP
     if labels and labels[0] == "none":
         return _TIPS_NONE
     return _TIPS_FIX.format(labels=labels)
+
+
+def paper_tips(labels: list[str]) -> str:
+    """What the paper's harness appends to the transcript after the `<problem>` step itself: a newline, the tips
+    for the sorted labels, and a newline after them except after the `none` tips (their code has none there)."""
+    ordered = sorted(labels)
+    return "\n" + tips(ordered) + ("" if ordered[0] == "none" else "\n")
+
+
+# The paper's harness reads actions by substring and these regexes, none of them DOTALL except the problem set and
+# the code block, so a multi-line answer or query is not read (spec §6.2).
+_PAPER_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>")
+_PAPER_SEARCH = re.compile(r"<search>\s*(.*?)\s*</search>")
+_PAPER_PROBLEM = re.compile(r"<problem>\s*\{(.*?)\}\s*</problem>", re.DOTALL)
+_PAPER_CODE = re.compile(r"<code>\s*```python(.*?)```.*?</code>", re.DOTALL)
+
+
+def paper_read(text: str, tag: str) -> str | None:
+    """The paper harness's reading of `tag` ("answer", "search", "problem", "code") in one model output: the
+    content its regex captures (stripped; for problem: the set's inside), or None when the regex does not match."""
+    regex = {"answer": _PAPER_ANSWER, "search": _PAPER_SEARCH, "problem": _PAPER_PROBLEM, "code": _PAPER_CODE}[tag]
+    m = regex.search(text)
+    return m.group(1).strip() if m and tag in ("answer", "search") else (m.group(1) if m else None)
+
+
+def paper_information(snippets: list[str]) -> str:
+    """The paper's search feedback block: entries `i. Content:{snippet}` joined with nothing, raw snippets, a
+    space inside each tag and one after the block; no results give an empty block (spec §2.2)."""
+    return "<information> " + "".join(f"{i}. Content:{s}" for i, s in enumerate(snippets, start=1)) + \
+        " </information> "
 
 
 def question_bbox(question: str, width: int, height: int) -> tuple[int, int, int, int] | None:

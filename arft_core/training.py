@@ -63,7 +63,8 @@ def build_step_dataset(rows: list[dict], data_dir: Path, task: str, image_size: 
 
 
 def build_item_dataset(items: list[dict], data_dir: Path, task: str, image_size: int | None):
-    """Agentic mode: one row per item, the first prompt of the agent loop; the environment needs the rest."""
+    """Agentic mode: one row per item, the first prompt of the agent loop; the environment needs the rest
+    (`gold_queries`: the item's annotated searches, empty where it has none, for the query-similarity part)."""
     from datasets import Dataset
 
     from arft_core.data.mat_coding import input_image_path
@@ -79,6 +80,7 @@ def build_item_dataset(items: list[dict], data_dir: Path, task: str, image_size:
         "question": [i["question"] for i in items],
         "answers": [i["answers"] for i in items],
         "labels": [list(i.get("type") or []) for i in items],
+        "gold_queries": [list((i.get("gold") or {}).get("queries") or []) for i in items],
         "image_path": [str(data_dir / image_of(i)) for i in items],
         "item_id": [str(i["id"]) for i in items],
     })
@@ -119,14 +121,25 @@ def write_log_csv(history: list[dict], path: Path) -> None:
             w.writerow({k.replace("/", "_"): h.get(k, "") for k in keys})
 
 
-def _set_pixel_budget(processor, cfg: TrainConfig) -> None:
-    ip = processor.image_processor
-    if cfg.max_pixels:
-        ip.max_pixels = cfg.max_pixels
-        ip.size = {**(ip.size or {}), "longest_edge": cfg.max_pixels}
-    if cfg.min_pixels:
-        ip.min_pixels = cfg.min_pixels
-        ip.size = {**(ip.size or {}), "shortest_edge": cfg.min_pixels}
+def _set_pixel_budget(processor, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """train.min/max_pixels, else model's: a real checkpoint's own processor (Qwen2.5-VL: up to 12.8 MP) never
+    decides the training resolution."""
+    from arft_core.model.processor import set_pixel_budget
+
+    set_pixel_budget(processor, cfg.min_pixels or model_cfg.min_pixels, cfg.max_pixels or model_cfg.max_pixels)
+
+
+def _stop_at(step: int):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        """Ends training after optimizer step `step` (train.checkpoint_step), the schedule left as configured."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_training_stop = True
+
+    return StopAt()
 
 
 def distributed_state():
@@ -216,7 +229,8 @@ def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base_model: Path, dat
     checkpoints with the same fingerprint (a param change must not continue an old run)."""
     import hashlib
 
-    keep = cfg.model_dump(mode="json", exclude={"max_steps", "save_steps", "save_total_limit", "logging_steps"})
+    keep = cfg.model_dump(mode="json", exclude={"max_steps", "num_train_epochs", "checkpoint_step", "save_steps",
+                                                "save_total_limit", "logging_steps"})
     blob = json.dumps({"train": keep, "model": model_cfg.model_dump(mode="json"), "base": str(base_model.resolve()),
                        "steps": hashlib.sha256((data_dir / STEPS_FILE).read_bytes()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -304,7 +318,8 @@ def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_fi
 
     def env_factory(row: dict, workdir: Path) -> AgentEnv:
         item = EnvItem(row["item_id"], cfg.task, row["question"], list(row["answers"]), Path(row["image_path"]),
-                       labels=list(row["labels"]), cjk=cfg.task == "coding")
+                       labels=list(row["labels"]), cjk=cfg.task == "coding",
+                       gold_queries=list(row.get("gold_queries") or []))
         return AgentEnv(item, tools, agent_cfg, workdir)
 
     return AgenticGRPOTrainer(**common, env_factory=env_factory, max_turns=agent_cfg.max_turns,
@@ -371,7 +386,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     sft_dir = checkpoint_dir / "sft_model" if checkpoint_dir is not None and cfg.save_steps else None
     start = sft_dir if sft_dir is not None and (sft_dir / "config.json").is_file() else base_model
     model, processor = _load_policy(start, model_cfg.dtype)
-    _set_pixel_budget(processor, cfg)
+    _set_pixel_budget(processor, model_cfg, cfg)
     summary: dict = {"resumed_from": Path(resume).name if resume else None}
     scratch = _shared_scratch(state, out_dir.parent)
     try:
@@ -386,7 +401,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         checkpoints = cfg.save_steps and checkpoint_dir is not None
         args = GRPOConfig(
             output_dir=str(checkpoint_dir) if checkpoints else str(scratch / "grpo"), seed=cfg.seed,
-            max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            # max_steps -1: TRL/HF count num_train_epochs instead (the paper's recipes are in epochs).
+            max_steps=cfg.max_steps or -1, num_train_epochs=cfg.num_train_epochs, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
             per_device_train_batch_size=cfg.prompts_per_device * cfg.num_generations,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_generations=cfg.num_generations,
@@ -400,7 +416,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             ds3_gather_for_generation=True,
         )
         common = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl_dataset,
-                      processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or [])],
+                      processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or []),
+                                                             *([_stop_at(cfg.checkpoint_step)] if cfg.checkpoint_step
+                                                               else [])],
                       peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
         if agentic:
             trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn,

@@ -207,12 +207,15 @@ def test_crop_teacher_forcing_switch(tools, tmp_path):
     question = "Read the text within the [500, 500, 1000, 1000] of the image."
     code = ("<think> crop </think>\n<code>\n```python\nimport cv2\nimg = cv2.imread('path_to_input_image.jpg')\n"
             "cv2.imwrite('path_to_output_image.jpg', img[0:10, 0:10])\n```\n</code>")
-    for forcing, expected in ((False, (10, 10)), (True, (100, 50))):
-        env = make_env(EnvItem(f"k{forcing}", "coding", question, ["x"], image=path, labels=["crop"]), tools,
-                       tmp_path, crop_teacher_forcing=forcing)
+    # Fired as in the paper's harness: by the model's own diagnosis (first sorted label crop), not the item's labels.
+    cases = ((False, "crop", (10, 10)), (True, "crop", (100, 50)), (True, "blur", (10, 10)))
+    for forcing, diagnosed, expected in cases:
+        env = make_env(EnvItem(f"k{forcing}{diagnosed}", "coding", question, ["x"], image=path, labels=["crop"]),
+                       tools, tmp_path, crop_teacher_forcing=forcing)
         env.reset()
+        env.step(f"<think> look </think>\n<problem> {{'{diagnosed}'}} </problem>")
         step = env.step(code)
-        assert Image.open(step.observation.image).size == expected
+        assert Image.open(step.observation.image).size == expected, (forcing, diagnosed)
 
 
 def test_cut_at_stop():

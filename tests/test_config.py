@@ -9,13 +9,25 @@ from arft_core.config import (METRIC_SPLITS, REWARD_FUNCS, Config, ConfigError, 
 from conftest import ROOT, arft, write_params
 
 
-def test_project_params_match_schema_defaults():
+def test_project_params_match_schema_defaults_but_the_marked_embedded_values():
     cfg = load_config(ROOT / "params.yaml")
-    # params.yaml spells out every setting; it must agree with the documented defaults. The train presets are
-    # written only there (the schema has none), so that the paper's settings have one definition.
+    # params.yaml spells out every setting; it agrees with the documented defaults (the real-model values) except
+    # where a line is marked [embedded] (the offline default run's short values). The train presets are written
+    # only there (the schema has none), so that the paper's settings have one definition.
     dumped, defaults = cfg.model_dump(), Config().model_dump()
-    assert "paper" in dumped.pop("train_presets") and defaults.pop("train_presets") == {}
-    assert dumped == defaults
+    assert {"paper", "paper-coding", "paper-search"} <= set(dumped.pop("train_presets"))
+    assert defaults.pop("train_presets") == {}
+    differ = {f"{s}.{k}" for s in dumped for k in dumped[s] if dumped[s][k] != defaults[s][k]}
+    marked, section = set(), None
+    for line in (ROOT / "params.yaml").read_text().splitlines():
+        if line[:1].isalpha():
+            section = line.split(":")[0]
+        elif "[embedded]" in line and line.startswith("  ") and ":" in line.split("#")[0]:
+            marked.add(f"{section}.{line.split(':')[0].strip()}")
+    assert differ == marked == {"train.max_steps", "eval.max_new_tokens"}
+    assert (cfg.train.max_steps, cfg.eval.max_new_tokens) == (4, {"mat-coding": 32, "mat-search": 32, "multihop": 32})
+    assert (Config().train.max_steps, Config().eval.max_new_tokens) == (
+        None, {"mat-coding": 1024, "mat-search": 2048, "multihop": 2048})
     assert cfg.root == ROOT and cfg.source == ROOT / "params.yaml" and cfg.dvc_tracks_params
 
 
@@ -122,8 +134,8 @@ BAD_VALUES = {
                           "should be 'linear'", "'cosine_annealing'"),
     "promotion benchmark": ({"eval": {"benchmarks": ["mat-coding", "multihop"]}}, "tracking.promotion_metrics: "
                             "benchmark 'mat-search' is not in eval.benchmarks", "'eval.mat-search.agent.avg.f1'"),
-    "unknown preset": ({"train": {"preset": "papr"}}, "train.preset: unknown preset; train_presets defines: paper",
-                       "'papr'"),
+    "unknown preset": ({"train": {"preset": "papr"}}, "train.preset: unknown preset; train_presets defines: paper, "
+                       "paper-coding, paper-search", "'papr'"),
     # more corruption lists
     "unknown hard corruption": ({"data": {"hard": [["rotation90", "drak"]]}}, "data.hard.0.1: unknown corruption",
                                 "'drak'"),
@@ -149,10 +161,33 @@ BAD_VALUES = {
     "no promotion metric": ({"tracking": {"promotion_metrics": []}}, "tracking.promotion_metrics: List should have at "
                             "least 1 item", "[]"),
     "no benchmark": ({"eval": {"benchmarks": []}}, "eval.benchmarks: List should have at least 1 item", "[]"),
-    "bad preset value": ({"train_presets": {"fast": {"loss_type": "ppo"}}}, "train_presets.fast.loss_type: Input "
-                         "should be", "'ppo'"),
-    "preset unknown key": ({"train_presets": {"fast": {"learning_rte": 1.0}}},
-                           "train_presets.fast.learning_rte: unknown key", None),
+    "bad preset value": ({"train_presets": {"fast": {"train": {"loss_type": "ppo"}}}},
+                         "train_presets.fast.train.loss_type: Input should be", "'ppo'"),
+    "preset unknown key": ({"train_presets": {"fast": {"train": {"learning_rte": 1.0}}}},
+                           "train_presets.fast.train.learning_rte: unknown key", None),
+    "preset flat train key": ({"train_presets": {"fast": {"learning_rate": 1.0}}}, "train_presets.fast.learning_rate: "
+                              "not a section a preset sets (train, eval, agent)", "1.0"),
+    "preset paths": ({"train_presets": {"fast": {"paths": {"base_model": "x"}}}}, "train_presets.fast.paths: not a "
+                     "section a preset sets", "'base_model': 'x'"),
+    "preset bad eval value": ({"train_presets": {"fast": {"eval": {"decoding": "greedy"}}}},
+                              "train_presets.fast.eval.decoding: Input should be 'explicit' or 'checkpoint'",
+                              "'greedy'"),
+    "preset unknown base": ({"train_presets": {"fast": {"extends": "papr"}}}, "train_presets.fast.extends: unknown "
+                            "preset; train_presets defines: paper, paper-coding, paper-search, fast", "'papr'"),
+    "preset cycle": ({"train_presets": {"a": {"extends": "b"}, "b": {"extends": "a"}}},
+                     "train_presets.b.extends: extends itself: a -> b -> a", "'a'"),
+    "preset by_task task": ({"train_presets": {"fast": {"by_task": {"vision": {"train": {}}}}}},
+                            "train_presets.fast.by_task.vision: not a train.task; known: coding, search", "'vision'"),
+    "preset selects preset": ({"train_presets": {"fast": {"train": {"preset": "paper"}}}},
+                              "train_presets.fast.train.preset: a preset cannot select another", "'paper'"),
+    "used preset bad value": ({"train": {"preset": "fast"}, "train_presets": {"fast": {"eval": {"top_k": -1}}}},
+                              "train_presets.fast.eval.top_k: Input should be greater than or equal to 0", "-1"),
+    "max_new_tokens benchmark": ({"eval": {"max_new_tokens": {"mat-codin": 64}}}, "eval.max_new_tokens.mat-codin: not "
+                                "a benchmark; known: mat-coding, mat-search, multihop", "64"),
+    "max_new_tokens zero": ({"eval": {"max_new_tokens": {"multihop": 0}}}, "eval.max_new_tokens.multihop: at least 1 "
+                            "token", "0"),
+    "checkpoint after the end": ({"train": {"max_steps": 4, "checkpoint_step": 10}}, "train.checkpoint_step: after "
+                                 "the last step, train.max_steps (4)", "10"),
     # cross-field bounds and requirements
     "range order": ({"data": {"ranges": {"blur_radius": [3.0, 1.5]}}}, "data.ranges.blur_radius: a range is [low, "
                     "high]", "[3.0, 1.5]"),
@@ -183,7 +218,8 @@ def test_bad_value_fails_at_load_naming_key_and_value(tmp_path: Path, case: str)
 
 def test_unknown_preset_names_the_key_without_dumping_the_config(tmp_path: Path):
     message = load_error(tmp_path, {"train": {"preset": "papr"}})
-    assert message.splitlines()[1] == "  train.preset: unknown preset; train_presets defines: paper (got 'papr')"
+    assert message.splitlines()[1] == ("  train.preset: unknown preset; train_presets defines: paper, paper-coding, "
+                                       "paper-search (got 'papr')")
     assert len(message.splitlines()) == 2 and "learning_rate" not in message
 
 
@@ -260,3 +296,60 @@ def test_promotion_check_accepts_exactly_the_tags_the_evaluation_writes():
     tags = sorted(score_tags(scores))
     cfg = Config.model_validate({"tracking": {"promotion_metrics": tags}})
     assert len(tags) == 2 * (3 + 3 + 1) * 2 and pipeline_errors(cfg) == []
+
+
+# ---- presets: complete recipes (train length, checkpoint, evaluation) behind the one switch train.preset
+PAPER_EVAL = {"decoding": "checkpoint", "max_new_tokens": {"mat-coding": 1024, "mat-search": 2048, "multihop": 2048}}
+
+
+@pytest.mark.parametrize("preset, task, epochs, step", [("paper-coding", "coding", 10, 1400),
+                                                        ("paper-search", "search", 400, 200),
+                                                        ("paper", "coding", 10, 1400)])
+def test_paper_presets_pin_length_checkpoint_and_evaluation(tmp_path: Path, preset, task, epochs, step):
+    cfg = load_config(write_params(tmp_path, {"train": {"preset": preset}}))  # over the tiny max_steps 1, 8 tokens
+    t = cfg.train
+    assert (t.task, t.max_steps, t.num_train_epochs, t.checkpoint_step, t.save_steps) == (task, None, epochs, step, 100)
+    assert (t.num_generations, t.learning_rate, t.gradient_accumulation_steps, t.sft.enabled) == (8, 1e-6, 2, False)
+    assert {k: getattr(cfg.eval, k) for k in PAPER_EVAL} == PAPER_EVAL
+    assert (cfg.agent.protocol, cfg.agent.max_turns) == ("paper", 5)
+    assert cfg.eval.multihop_limit == 2 and cfg.eval.batch_size == 8  # what the preset leaves alone stays
+
+
+def test_paper_preset_takes_the_length_of_the_chosen_task(tmp_path: Path):
+    cfg = load_config(write_params(tmp_path, {"train": {"preset": "paper", "task": "search"}}))
+    assert (cfg.train.task, cfg.train.num_train_epochs, cfg.train.checkpoint_step) == ("search", 400, 200)
+    # paper-coding pins its task: the preset wins over the train section
+    cfg = load_config(write_params(tmp_path, {"train": {"preset": "paper-coding", "task": "search"}}))
+    assert (cfg.train.task, cfg.train.num_train_epochs) == ("coding", 10)
+
+
+def test_preset_extends_and_merges_nested_values(tmp_path: Path):
+    presets = {"short": {"extends": "paper-search", "train": {"checkpoint_step": 50, "sft": {"max_steps": 9}},
+                         "eval": {"max_new_tokens": {"multihop": 64}}}}
+    cfg = load_config(write_params(tmp_path, {"train": {"preset": "short"}, "train_presets": presets}))
+    assert (cfg.train.task, cfg.train.num_train_epochs, cfg.train.checkpoint_step) == ("search", 400, 50)
+    assert (cfg.train.sft.enabled, cfg.train.sft.max_steps, cfg.train.sft.batch_size) == (False, 9, 4)
+    assert cfg.eval.max_new_tokens == {"mat-coding": 1024, "mat-search": 2048, "multihop": 64}
+
+
+def test_max_new_tokens_one_number_or_some_benchmarks():
+    from arft_core.config import EvalConfig
+
+    assert EvalConfig(max_new_tokens=64).max_new_tokens == {"mat-coding": 64, "mat-search": 64, "multihop": 64}
+    assert EvalConfig(max_new_tokens="96").max_new_tokens["multihop"] == 96  # `dvc exp run -S` writes strings
+    assert EvalConfig(max_new_tokens={"mat-coding": 8}).max_new_tokens == {"mat-coding": 8, "mat-search": 2048,
+                                                                          "multihop": 2048}
+
+
+def test_show_config_prints_the_length_and_the_paper_evaluation(tmp_path: Path):
+    write_params(tmp_path, {"train": {"preset": "paper-search"}})
+    shown = arft("train", "--show-config", cwd=tmp_path).stdout
+    assert shown.splitlines()[0] == ("# training length: learning-rate schedule over 400 epochs, stopping at step "
+                                     "200 (train.checkpoint_step), a checkpoint every 100 steps")
+    train = yaml.safe_load(shown)["train"]
+    assert (train["max_steps"], train["num_train_epochs"], train["checkpoint_step"]) == (None, 400.0, 200)
+    shown = yaml.safe_load(arft("eval", "--show-config", "-b", "mat-search", cwd=tmp_path).stdout)
+    assert shown["eval"]["decoding"] == "checkpoint" and shown["eval"]["benchmarks"] == ["mat-search"]
+    assert shown["eval"]["max_new_tokens"] == {"mat-coding": 1024, "mat-search": 2048, "multihop": 2048}
+    assert shown["agent"]["protocol"] == "paper" and shown["model"]["max_pixels"] == 401408
+    assert not (tmp_path / "tracking").exists()  # nothing ran

@@ -47,7 +47,7 @@ def project(tmp_path: Path) -> Path:
     write_params(tmp_path, {"paths": {"mat_coding": "mc", "mat_search": "ms"},
                             "search": {"corpus_path": "corpus.jsonl", "index_dir": "index", "mode": "live",
                                        "cache_path": "cache.sqlite", "top_k": 2},
-                            "eval": {"multihop_path": "hop.jsonl"}, "sandbox": {"workers": 1},
+                            "eval": {"multihop_files": {"hop": "hop.jsonl"}}, "sandbox": {"workers": 1},
                             "agent": {"max_turns": 3}})
     return tmp_path
 
@@ -68,7 +68,7 @@ class Oracle:
         text = p.messages[0]["content"][-1]["text"]
         if p.item_id == self.broken:
             return "I refuse to use tags"
-        if "directly" in text or "Only Return the answer" in text:
+        if text.endswith(("The answer should be very brief.", "Only Return the answer.")):  # the direct baselines
             return gold
         answer = f"<think> done </think>\n<answer> {gold} </answer>"
         if "<query>" in text and "image processing" in text:
@@ -129,3 +129,53 @@ def test_hf_generator_batches_mixed_prompts_deterministically(tmp_path: Path):
     first = HFGenerator(model, processor, cfg).generate(prompts)
     again = HFGenerator(model, processor, cfg).generate(prompts)
     assert len(first) == 3 and first == again and all(isinstance(t, str) for t in first)
+
+
+def test_decoding_is_explicit_or_the_checkpoints_and_stops_can_be_turned_off(tmp_path):
+    """HFGenerator's decoding: eval's values, or (`decoding: checkpoint`) the model folder's generation_config.json,
+    sampling values included (they are passed, never left to the model's hidden defaults); `stop_sequences=()`
+    leaves the text uncut; evaluation sets max_new_tokens per benchmark."""
+    from PIL import Image
+    from transformers import GenerationConfig
+
+    from arft_core.agent import EnvItem
+    from arft_core.agent.generation import HFGenerator, checkpoint_decoding, cut_at_stop, resolve_decoding
+    from arft_core.config import Config
+    from arft_core.evaluation import BenchItem
+
+    stock = GenerationConfig(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05)
+    assert resolve_decoding(EvalConfig(decoding="checkpoint"), stock) == {
+        "do_sample": True, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "repetition_penalty": 1.05}
+    assert resolve_decoding(EvalConfig(), stock) == {
+        "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.05}
+    # unset values are those generate() would use
+    assert checkpoint_decoding(GenerationConfig()) == {
+        "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+    assert cut_at_stop("<answer> a </answer> more", ()) == "<answer> a </answer> more"
+
+    class Model:
+        generation_config = stock
+
+    gen = HFGenerator(Model(), None, EvalConfig(decoding="checkpoint", max_new_tokens={"mat-coding": 7}),
+                      stop_sequences=())
+    assert gen.decoding["repetition_penalty"] == 1.05 and gen.stop_sequences == ()
+    assert gen.max_new_tokens == 2048  # until a benchmark sets it: the largest
+
+    seen = []
+
+    class Recorder:
+        max_new_tokens = None
+
+        def generate(self, prompts):
+            seen.append(self.max_new_tokens)
+            return ["<think> x </think> <answer> y </answer>"] * len(prompts)
+
+    cfg = Config.from_dict({"eval": {"modes": ["direct"], "max_new_tokens": {"mat-coding": 5, "multihop": 9}}},
+                           root=tmp_path)
+    img = tmp_path / "i.png"
+    Image.new("RGB", (56, 56), "red").save(img)
+    plan = {"mat-coding": [BenchItem(EnvItem("c", "coding", "q?", ["y"], img), "simple", ["none"])],
+            "mat-search": [BenchItem(EnvItem("s", "search", "q?", ["y"], img), "simple")],
+            "multihop": [BenchItem(EnvItem("m", "search", "q?", ["y"]))]}
+    evaluate(None, cfg, generator=Recorder(), plan=plan)
+    assert seen == [5, 2048, 9]

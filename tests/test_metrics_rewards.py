@@ -8,9 +8,13 @@ import sys
 import pytest
 
 from arft_core import metrics, rewards
+from arft_core.agent import AgentEnv, Tools
+from arft_core.config import AgentConfig, load_config
+from arft_core.evaluation import load_benchmark
 from arft_core.protocol import (CODING_SYSTEM_PROMPT, PHOTOMETRIC, PROBLEM_LABELS, ROTATIONS, coding_prompt,
                                 extract_answer, has_cjk, is_answer_step, parse_step, problem_labels, tips)
-from conftest import SHARED
+from arft_core.training import build_item_dataset
+from conftest import SHARED, write_params
 
 RELEASED = SHARED / "released-predictions"
 
@@ -114,7 +118,7 @@ def test_tips_and_labels():
 def test_coding_prompt_puts_image_first():
     msg = coding_prompt("What colour?")[0]
     assert msg["content"][0] == {"type": "image"}
-    assert msg["content"][1]["text"].endswith("# Current reasoning chain:\n<query> What colour? </query>")
+    assert msg["content"][1]["text"].endswith("# Current reasoning chain:\n\n<query> What colour? </query>")
 
 
 # ---- rewards (spec §3)
@@ -216,3 +220,91 @@ def test_paper_math_verify_shortcut_bypasses_the_tags():
     assert rewards.search_accuracy("<think>a</think><search> 42 </search>", sol, "paper") == 1.0
     assert rewards.search_accuracy("<think>a</think><search> 42 </search>", sol, "corrected") == 0.0
     assert rewards.search_accuracy("The answer is $42$", sol, "corrected") == 0.0
+
+
+# ---- the paper variant, literally as the authors' reward code (spec §3.2-3.3)
+def test_paper_reads_tag_contents_without_dotall():
+    sol = "<think> s </think>\n<answer> red circle </answer>"
+    multi = "<think> red disc </think>\n<answer> red\ncircle </answer>"
+    # No match across the newline, so the whole completion is scored: 8 tokens, 2 shared -> P 1/4, R 1, F1 0.4.
+    assert rewards.coding_accuracy(multi, sol, "paper") == pytest.approx(0.4)
+    assert rewards.search_accuracy(multi, sol, "paper") == pytest.approx(0.4)
+    assert rewards.coding_accuracy(multi, sol, "corrected", answers=["red circle"]) == 1.0
+    # The format regexes do have DOTALL.
+    assert rewards.coding_format(multi, sol, "paper") == 1.0 and rewards.search_format(multi, "paper") == 1.0
+    # A multi-line teacher answer is not read either: gold = the whole solution, "answer red answer" -> F1 0.5.
+    one_line = "<think> a </think>\n<answer> red </answer>"
+    assert rewards.coding_accuracy(one_line, "<answer> red\n </answer>", "paper") == pytest.approx(0.5)
+
+
+def test_paper_search_query_without_dotall_uses_the_whole_completion():
+    multi = "<think> a </think>\n<search> q\nclose </search>"
+    emb = FixedEmbedder({multi: [1.0, 0.2], "q\nclose": [0.0, 1.0], "gold": [1.0, 0.0]})
+    sol = "<think> s </think>\n<search> gold </search>"
+    assert rewards.search_accuracy(multi, sol, "paper", embedder=emb) == pytest.approx(1 / 1.04 ** 0.5)
+    assert rewards.search_accuracy(multi, sol, "corrected", embedder=emb) == 0.0  # reads "q\nclose": below 0.5
+
+
+@pytest.mark.parametrize("pred, gold, paper, corrected", [
+    ("rotation180", "'rotation90', 'rotation180'", 0.0, 0.5),  # the authors test rotation90 first
+    ("rotation90", "'rotation90', 'rotation180'", 0.5, 0.5),
+    ("rotation180", "'dark', 'rotation180'", 0.5, 0.5),
+    ("dark", "'dark', 'rotation180'", 0.0, 0.0),
+])
+def test_paper_rotation_partial_credit_follows_the_authors_branches(pred, gold, paper, corrected):
+    completion = f"<think> a </think><problem> {{'{pred}'}} </problem>"
+    sol = f"<think> s </think>\n<problem> {{{gold}}} </problem>"
+    assert rewards.coding_accuracy(completion, sol, "paper") == paper
+    assert rewards.coding_accuracy(completion, sol, "corrected") == corrected
+
+
+def test_paper_empty_gold_answer_scores_zero():
+    # The authors' regex matches "<answer></answer>", so the gold is "" (F1 0), not the whole solution, which
+    # ("think s think answeranswer") would give this completion 2/3.
+    sol = "<think> s </think>\n<answer></answer>"
+    completion = "<think> a </think>\n<answer> think s </answer>"
+    assert rewards.coding_accuracy(completion, sol, "paper") == 0.0
+    assert rewards.search_accuracy(completion, sol, "paper") == 0.0
+
+
+def test_paper_solution_without_a_tag_scores_zero():
+    completion = "<think> a </think>\n<answer> x </answer>"
+    for sol in ("free text", "<search> q </search>"):  # the coding reward knows answer, code and problem only
+        assert rewards.coding_accuracy(completion, sol, "paper") == 0.0
+        assert rewards.coding_format(completion, sol, "paper") == 0.0
+    assert rewards.search_accuracy(completion, "free text", "paper") == 0.0
+    fmt, acc = rewards.make_reward_funcs("coding", "paper")
+    rows = [[{"role": "assistant", "content": completion}]]
+    assert fmt(rows, solution=["free text"]) == [0.0] and acc(rows, solution=["free text"]) == [0.0]
+    with pytest.raises(ValueError, match="no action tag"):  # corrected: a malformed training row is an error
+        rewards.coding_accuracy(completion, "free text", "corrected")
+
+
+def test_gold_queries_reach_the_query_similarity_reward(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "ms" / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ms" / "images" / "a.png")
+    items = [{"id": "q1", "question": "How tall is it?", "answers": ["330 m"], "image_path": "images/a.png",
+              "split": "simple", "gold": {"queries": ["gold"], "answer": "330 m"}},
+             {"id": "q2", "question": "Who built it?", "answers": ["Eiffel"], "image_path": "images/a.png",
+              "split": "hard", "gold": None}]
+    (tmp_path / "ms" / "test.json").write_text(json.dumps(items))
+    # Training (agentic rows) and evaluation both carry the manifest's gold.queries.
+    assert build_item_dataset(items, tmp_path / "ms", "search", None)["gold_queries"] == [["gold"], []]
+    write_params(tmp_path, {"paths": {"mat_search": "ms"}})
+    bench = load_benchmark("mat-search", load_config(tmp_path / "params.yaml"))
+    assert [b.env.gold_queries for b in bench] == [["gold"], []]
+    emb = FixedEmbedder({"q close": [1.0, 0.2], "gold": [1.0, 0.0]})
+    env = AgentEnv(bench[0].env, Tools(embedder=emb), AgentConfig(), tmp_path / "ep")
+    env.reset()
+    step = env.step("<think> a </think>\n<search> q close </search>")
+    assert step.reward["query_similarity"] == pytest.approx(1 / 1.04 ** 0.5)
+
+
+def test_paper_search_format_takes_the_answer_branch_on_both_tags_anywhere():
+    # The authors test for "<answer>" and "</answer>" as substrings; a stray "</answer>" before "<answer>" then
+    # fails the answer pattern, where our reading falls through to the (valid) search pattern.
+    odd = "<think> </answer> <answer> </think>\n<search> q </search>"
+    assert rewards.search_format(odd, "paper") == 0.0
+    assert rewards.search_format(odd, "corrected") == 1.0

@@ -133,9 +133,14 @@ def test_paper_preset_pins_every_value_and_show_config_prints_them(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["preset"] = "paper"
     cfg = Config.model_validate(params)
-    for key, value in params["train_presets"]["paper"].items():  # its one definition, params.yaml, wins over train
-        got = getattr(cfg.train, key)
-        assert (got.model_dump() | value == got.model_dump()) if isinstance(value, dict) else got == value, key
+    paper = params["train_presets"]["paper"]
+    for section in ("train", "eval", "agent"):  # its one definition, params.yaml, wins over the sections
+        for key, value in paper[section].items():
+            got = getattr(getattr(cfg, section), key)
+            got = got.model_dump() if hasattr(got, "model_dump") else got
+            assert (got | value == got) if isinstance(value, dict) else got == value, (section, key)
+    for key, value in paper["by_task"]["coding"]["train"].items():  # train.task coding: the coding run's length
+        assert getattr(cfg.train, key) == value, key
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = subprocess.run([sys.executable, "-m", "arft_core.cli", "train", "--show-config", "-p",
                           str(tmp_path / "params.yaml")], capture_output=True, text=True)
@@ -149,6 +154,9 @@ def test_paper_preset_pins_every_value_and_show_config_prints_them(tmp_path):
     assert (shown["lr_scheduler_type"], shown["warmup_steps"], shown["weight_decay"], shown["temperature"]) == (
         "linear", 0, 0.0, 1.0)
     assert shown["gradient_checkpointing"] is True and shown["reward_weights"] == [1.0, 1.0]
+    assert (shown["max_steps"], shown["num_train_epochs"], shown["checkpoint_step"], shown["save_steps"]) == (
+        None, 10.0, 1400, 100)
+    assert out.stdout.startswith("# training length: learning-rate schedule over 10 epochs, stopping at step 1400")
 
 
 def resume_job_args(tiny: Path, work: Path, max_steps: int, save_steps: int, kill_at: int | None = None,
@@ -251,3 +259,18 @@ def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_
     assert list(artifacts) == ["rollouts/step_000001.html"] and "cv2.ROTATE_90_COUNTERCLOCKWISE" in page
     assert page.count("data:image/jpeg;base64") >= 2 * 2  # per trajectory: the item image and the tool's image
 
+
+
+def test_epochs_set_the_schedule_and_checkpoint_step_ends_the_run_there(tiny, tmp_path):
+    """train.max_steps null: num_train_epochs decides the length (GRPOConfig); checkpoint_step stops at that step
+    with the whole run's linear schedule, as the paper's checkpoint-1400 of 10 epochs."""
+    rows = len(load_step_rows(tiny / "data"))  # one prompt per step: an epoch is `rows` steps
+    cfg = TrainConfig(max_steps=None, num_train_epochs=3, checkpoint_step=2, num_generations=2,
+                      max_completion_length=4, learning_rate=1e-2, reward_weights=[1.0], sft=NO_SFT)
+    logged = []
+    summary = train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
+                    sink=lambda m, s: logged.append((s, m)), reward_funcs=[length_reward])
+    assert summary["steps"] == 2 and (tmp_path / "out" / "config.json").is_file()
+    lr = {s: m["learning_rate"] for s, m in logged if "learning_rate" in m}
+    # The rate step 2 used: linear decay over 3 epochs (3 * rows steps), not over the 2 steps run.
+    assert lr[2] == pytest.approx(1e-2 * (1 - 1 / (3 * rows))) and 3 * rows > 2

@@ -104,18 +104,21 @@ class AgentEnv:
         self.pred_answer: str | None = None
         self.image: Path | None = None
         self.images: list[Path] = []  # every image shown, in order (chat transcript)
+        self.diagnosis: list[str] | None = None  # the latest <problem> labels, sorted (crop forcing, paper's code)
 
     # ---- contract
     def reset(self) -> Observation:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.turns, self.done, self.end, self.pred_answer = [], False, None, None
+        self.turns, self.done, self.end, self.pred_answer, self.diagnosis = [], False, None, None, None
         self.image = self.item.image
         self.images = [self.image] if self.image else []
-        return Observation(protocol.query_text(self.item.task, self.item.question), self.image)
+        return Observation(self._first_text(), self.image)
 
     def step(self, output: str) -> StepResult:
         if self.done:
             raise RuntimeError(f"item {self.item.id}: step() after the episode ended ({self.end})")
+        if self.cfg.protocol == "paper":
+            return self._paper_step(output)
         parsed = protocol.parse_step(output, self.item.task)
         reward = {"format": self._format(output, parsed)}
         info: dict[str, Any] = {"action": parsed.action, "error": parsed.error}
@@ -132,6 +135,7 @@ class AgentEnv:
         elif parsed.action == "problem":
             labels = protocol.problem_labels(parsed.content, sort=False)
             info["labels"] = labels
+            self.diagnosis = sorted(labels)
             if self.item.labels:
                 reward["problem"] = rewards.problem_label_reward(output, self.item.labels)
             obs = Observation(protocol.tips(labels) if self.cfg.coding_tips else "")
@@ -140,11 +144,79 @@ class AgentEnv:
             reward["code_ran"] = float(info["code_ok"])
         else:
             obs = Observation(f"<error> {parsed.error}: write <think> ... </think> and then one action. </error>")
-        self.turns.append({"output": output, **info, "reward": reward,
+        # What the single-message transcript gains: the output, then the tool's text (our separators).
+        context = f"\n{output}" + (f"\n{obs.text} " if obs is not None and obs.text else "")
+        return self._record(output, info, reward, obs, context)
+
+    def _record(self, output: str, info: dict, reward: dict, obs: Observation | None, context: str) -> StepResult:
+        self.turns.append({"output": output, **info, "reward": reward, "context": context,
                            "observation": None if obs is None else {"text": obs.text, "image": obs.image}})
         if not self.done and len(self.turns) >= self.cfg.max_turns:
             self._finish("turns")
         return StepResult(None if self.done else obs, reward, self.done, info)
+
+    def _paper_step(self, output: str) -> StepResult:
+        """One turn as the authors' harness takes it (spec §2, §6.2): actions found by substring and read by their
+        regexes; `<answer>` ends the item (no answer when their regex cannot read it); a search appends the output
+        and the raw `<information>` block, and a failed search ends the item unanswered; `<problem>` appends the
+        output and the tips of the sorted labels; `<code>` appends the output and, when it ran, replaces the
+        image, with no feedback either way; an output with none of these appends nothing. Where their harness
+        would crash or reuse another item's state (code before any diagnosis, an unreadable problem set or
+        query), the item ends unanswered."""
+        task = self.item.task
+        parsed = protocol.parse_step(output, task)
+        reward = {"format": self._format(output, parsed)}  # logged only: the paper scores the final answer
+        info: dict[str, Any] = {"action": None, "error": None}
+        obs: Observation | None = None
+        context = ""
+        if "<answer>" in output:
+            info["action"] = "answer"
+            self.pred_answer = protocol.paper_read(output, "answer")
+            if self.pred_answer is None:
+                info["error"] = "<answer> not readable by the paper's harness (one line only)"
+            reward["answer_f1"] = metrics.score(self.pred_answer, self.item.answers, self.item.cjk)["f1"] \
+                if self.pred_answer is not None else 0.0
+            self._finish("answer")
+        elif task == "search" and "<search>" in output:
+            info["action"] = "search"
+            query = protocol.paper_read(output, "search")
+            obs = self._paper_search(query, info) if query is not None else None
+            if query is None:
+                info["error"] = "<search> not readable by the paper's harness (one line only)"
+            elif self.item.gold_queries:
+                reward["query_similarity"] = max(rewards.query_similarity(query, g, self.tools.embedder)
+                                                 for g in self.item.gold_queries)
+            if obs is None:
+                self._finish("error")
+            else:
+                context = f"\n{output}\n{obs.text}"
+        elif task == "coding":
+            if "<problem>" in output:
+                info["action"] = "problem"
+                inside = protocol.paper_read(output, "problem")
+                labels = protocol.problem_labels(inside) if inside is not None else []
+                if not labels:
+                    info["error"] = "no problem labels the paper's harness can read"
+                    self._finish("error")
+                else:
+                    self.diagnosis = info["labels"] = labels
+                    if self.item.labels:
+                        reward["problem"] = rewards.problem_label_reward(output, self.item.labels, "paper")
+                    tips = protocol.paper_tips(labels) if self.cfg.coding_tips else ""
+                    context, obs = f"\n{output}{tips}", Observation(tips.strip())
+            if "<code>" in output and not self.done:
+                if self.diagnosis is None:
+                    info["action"], info["error"] = "code", "code before any <problem> diagnosis"
+                    self._finish("error")
+                else:
+                    info["action"] = "code"
+                    code = protocol.paper_read(output, "code")
+                    ran = self._code(code, info) if code is not None else None
+                    info.setdefault("code_ok", False)
+                    obs = Observation("", ran.image) if ran is not None and ran.image else Observation()  # no feedback
+                    reward["code_ran"] = float(info["code_ok"])
+                    context += f"\n{output}"
+        return self._record(output, info, reward, obs, context)
 
     def fail(self, error: BaseException) -> None:
         """End the episode because something outside the model's control broke (recorded, never raised)."""
@@ -155,10 +227,10 @@ class AgentEnv:
     # ---- the next model input
     def prompt(self) -> tuple[list[dict], list[Path]]:
         """(chat messages, images in the order their placeholders appear) for the next model call."""
-        first = protocol.query_text(self.item.task, self.item.question)
-        if self.cfg.transcript == "single_message":
+        first = self._first_text()
+        if self.cfg.transcript == "single_message" or self.cfg.protocol == "paper":
             # The paper's form: one user message, the transcript appended as text, only the current image.
-            text = first + "".join(self._flat(t) for t in self.turns)
+            text = first + "".join(t["context"] for t in self.turns if t["output"] is not None)
             content = ([{"type": "image"}] if self.image else []) + [{"type": "text", "text": text}]
             return [{"role": "user", "content": content}], [self.image] if self.image else []
         messages = [{"role": "user", "content": ([{"type": "image"}] if self.item.image else [])
@@ -181,7 +253,25 @@ class AgentEnv:
                                "code_failed": sum(1 for t in self.turns if t.get("code_ok") is False),
                                "invalid": invalid}}
 
+    def _first_text(self) -> str:
+        return protocol.query_text(self.item.task, self.item.question, self.cfg.protocol)
+
     # ---- tools
+    def _paper_search(self, query: str, info: dict) -> Observation | None:
+        """The paper's search feedback (raw snippets), or None when the search fails (the item then ends)."""
+        from arft_core.search import SearchError
+
+        info["query"] = query
+        if self.tools.search is None:
+            info["error"] = "no search tool configured"
+            return None
+        try:
+            results = self.tools.search.search(query, self.tools.top_k)
+        except SearchError as e:
+            info["error"] = f"search failed: {e}"
+            return None
+        return Observation(protocol.paper_information([r.snippet for r in results[:self.tools.top_k]]))
+
     def _search(self, query: str, info: dict) -> Observation:
         from arft_core.search import SearchError, format_information
 
@@ -197,6 +287,8 @@ class AgentEnv:
         return Observation(text)
 
     def _code(self, code: str, info: dict) -> Observation:
+        """Run `code` on the current image; the new image, or our `<error>` feedback (the paper protocol shows the
+        model nothing on failure: its transcript takes each turn's `context`, never this text)."""
         info["code_ok"] = False
         if self.image is None:
             info["error"] = "no image to process"
@@ -204,7 +296,8 @@ class AgentEnv:
         if self.tools.sandbox is None:
             info["error"] = "no sandbox configured"
             return Observation("<error> Code execution is not available. </error>")
-        if self.cfg.crop_teacher_forcing and "crop" in self.item.labels:
+        # The paper's crop hack fires as theirs does: on the model's own diagnosis of crop (first sorted label).
+        if self.cfg.crop_teacher_forcing and self.diagnosis and self.diagnosis[0] == "crop":
             from PIL import Image
 
             with Image.open(self.image) as im:
@@ -223,14 +316,10 @@ class AgentEnv:
     def _format(self, output: str, parsed: protocol.Step) -> float:
         if parsed.action is None:
             return 0.0
+        variant = "paper" if self.cfg.protocol == "paper" else "corrected"  # the protocol's own reward rules
         if self.item.task == "search":
-            return rewards.search_format(output)
-        return rewards.coding_format(output, f"<{parsed.action}>")
+            return rewards.search_format(output, variant)
+        return rewards.coding_format(output, f"<{parsed.action}>", variant)
 
     def _finish(self, end: str) -> None:
         self.done, self.end = True, end
-
-    def _flat(self, turn: dict) -> str:
-        obs = turn["observation"] or {}
-        text = f"\n{turn['output'] or ''}"
-        return text + (f"\n{obs['text']} " if obs.get("text") else "")

@@ -1,8 +1,9 @@
 """Text-only multi-hop QA sets: FlashRAG JSONL files (2Wiki, HotpotQA, MuSiQue, Bamboogle) and FanOutQA dev.
 
-Items out are ``{"id", "question", "answers": [str, ...]}`` (FanOutQA adds its decomposition). These are
-benchmarks, not annotations to clean: a bad line raises (naming the file and line) instead of being quarantined,
-because silently dropping test items would change the scores.
+Items out are ``{"id", "question", "answers": [str, ...]}`` (FanOutQA adds its decomposition); `load_datasets`
+gathers the datasets of one evaluation, by name. These are benchmarks, not annotations to clean: a bad line raises
+(naming the file and line) instead of being quarantined, because silently dropping test items would change the
+scores.
 """
 
 from __future__ import annotations
@@ -10,6 +11,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+FANOUTQA = "fanoutqa"  # the dataset name of the bundled FanOutQA dev set
+
+
+def load_datasets(files: dict[str, str | Path], *, fanoutqa: bool | None = None, limit: int | None = None,
+                  root: Path = Path("."), key: str = "eval.multihop_files") -> dict[str, list[dict]]:
+    """The multi-hop datasets of one evaluation, by name, in order: each FlashRAG file of `files` (name -> path,
+    relative to `root`), then the FanOutQA dev set as `fanoutqa` when `fanoutqa` is true (None: only when `files`
+    is empty). Each is cut to its first `limit` items (None: all).
+
+    Errors name the dataset's setting, `<key>.<name>`, and its file: FileNotFoundError for a missing file,
+    ValueError for a bad line or a file without questions.
+    """
+    datasets: dict[str, list[dict]] = {}
+    for name, path in files.items():
+        path = Path(root) / path
+        try:
+            items = load_flashrag(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{key}.{name}: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"{key}.{name}: {e}") from e
+        if not items:
+            raise ValueError(f"{key}.{name}: {path} holds no questions")
+        datasets[name] = items[:limit]
+    if fanoutqa or (fanoutqa is None and not files):
+        datasets[FANOUTQA] = load_fanoutqa_dev()[:limit]
+    return datasets
 
 
 def load_flashrag(path: Path) -> list[dict]:

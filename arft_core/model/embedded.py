@@ -63,14 +63,15 @@ def prepare_base_model(cfg: ModelConfig, out_dir: Path) -> dict:
         processor.save_pretrained(out_dir)
         n_params = sum(p.numel() for p in model.parameters())
         return {"source": "embedded", "parameters": n_params, "vocab_size": len(processor.tokenizer)}
-    from arft_core.model.processor import load_processor
+    from arft_core.model.processor import load_processor, pixel_budget
 
     src = Path(cfg.name_or_path).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"model.name_or_path: no config.json in {src} (expected a Qwen2.5-VL checkpoint folder)")
-    load_processor(src)
+    processor = load_processor(src, cfg.min_pixels, cfg.max_pixels)
     (out_dir / REFERENCE_FILE).write_text(json.dumps({"name_or_path": str(src)}, indent=2))
-    return {"source": str(src)}
+    min_pixels, max_pixels = pixel_budget(processor)
+    return {"source": str(src), "min_pixels": min_pixels, "max_pixels": max_pixels}
 
 
 def resolve_model_dir(model_dir: Path) -> Path:
@@ -79,8 +80,10 @@ def resolve_model_dir(model_dir: Path) -> Path:
     return Path(json.loads(ref.read_text())["name_or_path"]) if ref.is_file() else model_dir
 
 
-def load_model(model_dir: Path, dtype: str = "float32"):
-    """(model, processor) from a model stage output or a checkpoint folder."""
+def load_model(model_dir: Path, dtype: str = "float32", min_pixels: int | None = None,
+               max_pixels: int | None = None):
+    """(model, processor) from a model stage output or a checkpoint folder; the pixel bounds given (model.min_pixels,
+    max_pixels) replace the folder's processor's, whatever checkpoint it is."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -88,4 +91,4 @@ def load_model(model_dir: Path, dtype: str = "float32"):
 
     path = resolve_model_dir(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
-    return model, load_processor(path)
+    return model, load_processor(path, min_pixels, max_pixels)

@@ -36,6 +36,30 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int) -> ImageOnlyQwe
                                   chat_template=tokenizer.chat_template)
 
 
-def load_processor(path: str | Path) -> ImageOnlyQwenProcessor:
-    """Load the processor saved next to a model (ours or a real Qwen2.5-VL checkpoint directory)."""
-    return ImageOnlyQwenProcessor.from_pretrained(path)
+def load_processor(path: str | Path, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> ImageOnlyQwenProcessor:
+    """Load the processor saved next to a model (ours or a real Qwen2.5-VL checkpoint directory), with the given
+    pixel budget instead of the folder's where one is given."""
+    processor = ImageOnlyQwenProcessor.from_pretrained(path)
+    set_pixel_budget(processor, min_pixels, max_pixels)
+    return processor
+
+
+def set_pixel_budget(processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set the image processor's pixel bounds (None keeps one): `size` (shortest_edge / longest_edge, in pixels) is
+    what Qwen2-VL's image processor resizes by; older transformers also read min_pixels / max_pixels attributes."""
+    from dataclasses import is_dataclass, replace
+
+    ip = processor.image_processor
+    updates = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v}
+    ip.size = replace(ip.size, **updates) if is_dataclass(ip.size) else {**(ip.size or {}), **updates}
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value and getattr(ip, name, None) is not None:
+            setattr(ip, name, value)
+
+
+def pixel_budget(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) the image processor resizes by."""
+    size = processor.image_processor.size
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    return get("shortest_edge"), get("longest_edge")

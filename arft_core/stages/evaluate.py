@@ -12,10 +12,10 @@ from arft_core.progress import progress_bar
 
 def evaluate_stage(cfg: Config) -> dict:
     """Evaluate the trained policy on MAT-Coding, MAT-Search and multi-hop QA, with tools (agent) and without
-    (direct); F1/EM, predictions and an HTML report."""
+    (direct); F1/EM (multi-hop: per dataset, `multihop.<mode>.<dataset>.f1`), predictions and an HTML report."""
     import mlflow
 
-    from arft_core.evaluation import eval_fingerprint, evaluate, load_benchmark
+    from arft_core.evaluation import eval_fingerprint, eval_generator, evaluate, generation_settings, load_benchmark
 
     # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
     # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
@@ -23,7 +23,11 @@ def evaluate_stage(cfg: Config) -> dict:
     plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
     total = sum(map(len, plan.values())) * len(cfg.eval.modes)
     with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
-        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, plan=plan)
+        generator = eval_generator(cfg.path("trained_model"), cfg)
+        # Logged before generating: under `eval.decoding: checkpoint` the values come from the model folder.
+        mlflow.log_params(generation_settings(generator, cfg))
+        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, generator=generator,
+                                               plan=plan)
     out = cfg.path("predictions")
     for name, rows in predictions.items():
         write_json_atomic(out / f"{name}.json", rows)
@@ -37,8 +41,13 @@ def evaluate_stage(cfg: Config) -> dict:
     mlflow.log_artifacts(str(out), artifact_path="predictions")
     for bench, modes in scores.items():
         for mode, s in modes.items():
-            print(f"{bench:<11} {mode:<7} F1 {s['avg']['f1']:6.2f}  EM {s['avg']['em']:6.2f}  "
-                  f"no answer {s['avg']['no_answer_rate']:6.2f}%  (n={s['avg']['n']})")
+            # multi-hop: its avg (the datasets' mean), then each dataset
+            shown = ["avg"] + ([k for k in s if k != "avg" and isinstance(s[k], dict) and "f1" in s[k]]
+                               if bench == "multihop" else [])
+            for row in shown:
+                label = bench if row == "avg" else f"  {row}"
+                print(f"{label:<11} {mode:<7} F1 {s[row]['f1']:6.2f}  EM {s[row]['em']:6.2f}  "
+                      f"no answer {s[row]['no_answer_rate']:6.2f}%  (n={s[row]['n']})")
     print(f"report: {cfg.path('eval_report')}")
     rows = evaluate_checkpoints(cfg, plan, fingerprint) if cfg.eval.checkpoints == "all" else []
     if not rows:  # the DVC plot file exists either way
@@ -136,7 +145,8 @@ def evaluate_checkpoints(cfg: Config, plan: dict, fingerprint: str) -> list[dict
 
 
 def flat_scores(scores: dict) -> dict[str, float]:
-    """eval.json as MLflow metrics: `<bench>.<mode>.<split>.<metric>`."""
+    """eval.json as MLflow metrics: `<bench>.<mode>.<split>.<metric>`; multi-hop's splits are its datasets
+    (`multihop.agent.hotpotqa.f1`) and its avg their mean."""
     return {f"{bench}.{mode}.{split}.{m}": float(v) for bench, modes in scores.items() for mode, s in modes.items()
             for split, d in s.items() if isinstance(d, dict) and "f1" in d
             for m, v in d.items() if isinstance(v, (int, float))}
