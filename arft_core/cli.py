@@ -289,8 +289,9 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mo
                                                        "training checkpoint (paths.train_checkpoints), one MLflow "
                                                        "child run per step, and plot F1 vs step."),
              show_config: bool = typer.Option(False, "--show-config", help="Print the resolved eval and agent "
-                                              "settings (preset, --benchmark and --mode applied) and the model's "
-                                              "dtype and pixel budget as YAML, and exit."),
+                                              "settings (preset, --benchmark and --mode applied), the model's "
+                                              "dtype and pixel budget, and the decoding values used (the "
+                                              "checkpoint's under decoding: checkpoint) as YAML, and exit."),
              params: Optional[Path] = ParamsOption) -> None:
     """Evaluate any model (the trained one, a base checkpoint, a registered version, every training checkpoint)
     with tools and/or the direct baseline."""
@@ -299,11 +300,11 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mo
 
         from arft_core.stages.evaluate import eval_overrides
 
+        from arft_core.stages.evaluate import shown_settings
+
         cfg = eval_overrides(_config(params), benchmarks=benchmark or None, modes=mode or None)
-        typer.echo(yaml.safe_dump({"eval": cfg.eval.model_dump(mode="json"), "agent": cfg.agent.model_dump(mode="json"),
-                                   "model": cfg.model.model_dump(mode="json", include={"dtype", "min_pixels",
-                                                                                       "max_pixels"})},
-                                  sort_keys=False))
+        folder = Path(model) if model and not model.startswith("models:/") else None
+        typer.echo(yaml.safe_dump(shown_settings(cfg, folder), sort_keys=False))
         return
     from mlflow.exceptions import MlflowException
 

@@ -312,7 +312,8 @@ def test_paper_presets_pin_length_checkpoint_and_evaluation(tmp_path: Path, pres
     assert (t.num_generations, t.learning_rate, t.gradient_accumulation_steps, t.sft.enabled) == (8, 1e-6, 2, False)
     assert {k: getattr(cfg.eval, k) for k in PAPER_EVAL} == PAPER_EVAL
     assert (cfg.agent.protocol, cfg.agent.max_turns) == ("paper", 5)
-    assert cfg.eval.multihop_limit == 2 and cfg.eval.batch_size == 8  # what the preset leaves alone stays
+    assert cfg.eval.batch_size == 1  # one item at a time, as their harness
+    assert cfg.eval.multihop_limit == 2  # what the preset leaves alone stays
 
 
 def test_paper_preset_takes_the_length_of_the_chosen_task(tmp_path: Path):

@@ -66,8 +66,14 @@ def release_like_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def test_release_layout_checkpoint_trains_and_evaluates_with_params_pixels_and_its_generation_config(tmp_path):
+def test_release_layout_checkpoint_trains_and_evaluates_with_params_pixels_and_its_generation_config(tmp_path,
+                                                                                                 monkeypatch):
     import mlflow
+
+    # The stages run in this process and export MLFLOW_TRACKING_URI (mlflow.set_tracking_uri does): recorded
+    # here so that teardown restores it, and later tests' subprocesses do not write into this project's store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     from arft_core.config import load_config
     from arft_core.model.processor import load_processor, pixel_budget

@@ -88,6 +88,33 @@ def eval_overrides(cfg: Config, model: str | None = None, benchmarks: list[str] 
     return Config.from_dict(data, root=cfg.root, source=cfg.source)  # the params file, with these overrides on top
 
 
+def shown_settings(cfg: Config, model_dir: Path | None = None) -> dict:
+    """What an evaluation would run with (`arft eval --show-config`): eval, agent (transcript resolved for
+    train.mode), the model's dtype and pixel budget, and `generation`: the decoding values actually used, under
+    `decoding: checkpoint` read from the model folder's generation_config.json (`model_dir`, else the trained
+    model, else the base model), with the protocol's stop strings."""
+    from arft_core.agent.generation import folder_generation_config, resolve_decoding
+    from arft_core.model.embedded import REFERENCE_FILE
+    from arft_core.protocol import stop_sequences
+
+    generation: dict = {"source": cfg.eval.decoding}
+    if cfg.eval.decoding == "checkpoint":
+        folders = [model_dir] if model_dir else [cfg.path("trained_model"), cfg.path("base_model")]
+        found = next((f for f in folders if (f / "config.json").is_file() or (f / REFERENCE_FILE).is_file()), None)
+        if found is None:
+            generation["values"] = "from the model folder's generation_config.json (no model yet: run `arft model`)"
+        else:
+            generation["folder"] = str(found)
+            generation["values"] = resolve_decoding(cfg.eval, folder_generation_config(found))
+    else:
+        generation["values"] = resolve_decoding(cfg.eval)
+    generation["stop_sequences"] = list(stop_sequences(cfg.agent.protocol))
+    return {"eval": cfg.eval.model_dump(mode="json"),
+            "agent": cfg.agent.for_training_mode(cfg.train.mode).model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json", include={"dtype", "min_pixels", "max_pixels"}),
+            "generation": generation}
+
+
 def registered_model_dir(uri: str) -> Path:
     """Download a registered version (`models:/<name>@<alias>` or `models:/<name>/<version>`) and return the model
     folder inside its pyfunc (what `evaluate` loads)."""
