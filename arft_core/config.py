@@ -507,7 +507,8 @@ class EvalConfig(Section):
         "explicit", description="explicit: do_sample, temperature, top_p, top_k and repetition_penalty below, "
         "seeded; checkpoint: those five from the model folder's generation_config.json, as the authors' scripts "
         "(HF generate with no sampling arguments; stock Qwen2.5-VL: do_sample with top_k 1, repetition_penalty "
-        "1.05). Either way the values used are logged with the evaluation.")
+        "1.05); agent.protocol paper always decodes so. Either way the values used are logged with the "
+        "evaluation.")
     do_sample: bool = Field(False, description="explicit decoding: sample instead of greedy decoding.")
     temperature: float = Field(1.0, description="explicit decoding: sampling temperature when do_sample is true.",
                                gt=0)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from arft_core import metrics
 from arft_core.agent import AgentEnv, EnvItem, Prompt, Tools, run_episodes
-from arft_core.config import Config
+from arft_core.config import Config, EvalConfig
 from arft_core.data.mat_coding import input_image_path
 from arft_core.protocol import direct_prompt
 
@@ -163,6 +163,12 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
     return results, predictions, render_report(results, sections)
 
 
+def generation_eval(cfg: Config) -> EvalConfig:
+    """`eval` as generation uses it: under agent.protocol paper the decoding is the checkpoint's
+    generation_config, whatever eval.decoding says (the authors' harness passed no sampling arguments)."""
+    return cfg.eval.model_copy(update={"decoding": "checkpoint"}) if cfg.agent.protocol == "paper" else cfg.eval
+
+
 def eval_generator(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None):
     """The evaluation's model back-end on `model_dir`: eval's back-end and decoding, the protocol's stop strings
     (none under `paper`), the processor's pixel budget from model.min_pixels / max_pixels whatever the
@@ -170,7 +176,7 @@ def eval_generator(model_dir: Path, cfg: Config, progress: Callable[[int], None]
     from arft_core.agent.generation import make_generator
     from arft_core.protocol import stop_sequences
 
-    return make_generator(model_dir, cfg.eval, cfg.model.dtype, progress,
+    return make_generator(model_dir, generation_eval(cfg), cfg.model.dtype, progress,
                           stop_sequences=stop_sequences(cfg.agent.protocol), min_pixels=cfg.model.min_pixels,
                           max_pixels=cfg.model.max_pixels)
 
@@ -179,7 +185,7 @@ def generation_settings(generator, cfg: Config) -> dict[str, Any]:
     """What the back-end generated with, flat (MLflow params of the evaluation): the resolved decoding (under
     `eval.decoding: checkpoint`, the checkpoint's values), max new tokens per benchmark, stop strings, and the
     processor's pixel bounds (HF back-end)."""
-    out: dict[str, Any] = {"generation.source": cfg.eval.decoding}
+    out: dict[str, Any] = {"generation.source": generation_eval(cfg).decoding}
     out.update({f"generation.{k}": v for k, v in (getattr(generator, "decoding", None) or {}).items()})
     out.update({f"generation.max_new_tokens.{b}": n for b, n in cfg.eval.max_new_tokens.items()})
     if hasattr(generator, "stop_sequences"):

@@ -161,3 +161,16 @@ def test_evaluation_uses_the_form_the_model_was_trained_in():
     from arft_core.protocol import STOP_SEQUENCES, stop_sequences
 
     assert stop_sequences("paper") == () and stop_sequences("arft") == STOP_SEQUENCES
+
+
+def test_the_paper_protocol_decodes_with_the_checkpoints_generation_config(tmp_path):
+    from arft_core.config import load_config
+    from arft_core.evaluation import generation_eval
+
+    write_params(tmp_path, {"agent": {"protocol": "paper"}, "eval": {"decoding": "explicit"}})
+    cfg = load_config(tmp_path / "params.yaml")
+    assert generation_eval(cfg).decoding == "checkpoint" and cfg.eval.decoding == "explicit"
+    shown = arft("eval", "--show-config", cwd=tmp_path).stdout
+    assert "generation:\n  source: checkpoint\n" in shown and "stop_sequences: []" in shown
+    cfg.agent.protocol = "arft"
+    assert generation_eval(cfg).decoding == "explicit"

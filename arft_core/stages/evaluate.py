@@ -94,20 +94,22 @@ def shown_settings(cfg: Config, model_dir: Path | None = None) -> dict:
     `decoding: checkpoint` read from the model folder's generation_config.json (`model_dir`, else the trained
     model, else the base model), with the protocol's stop strings."""
     from arft_core.agent.generation import folder_generation_config, resolve_decoding
+    from arft_core.evaluation import generation_eval
     from arft_core.model.embedded import REFERENCE_FILE
     from arft_core.protocol import stop_sequences
 
-    generation: dict = {"source": cfg.eval.decoding}
-    if cfg.eval.decoding == "checkpoint":
+    decoding = generation_eval(cfg)
+    generation: dict = {"source": decoding.decoding}
+    if decoding.decoding == "checkpoint":
         folders = [model_dir] if model_dir else [cfg.path("trained_model"), cfg.path("base_model")]
         found = next((f for f in folders if (f / "config.json").is_file() or (f / REFERENCE_FILE).is_file()), None)
         if found is None:
             generation["values"] = "from the model folder's generation_config.json (no model yet: run `arft model`)"
         else:
             generation["folder"] = str(found)
-            generation["values"] = resolve_decoding(cfg.eval, folder_generation_config(found))
+            generation["values"] = resolve_decoding(decoding, folder_generation_config(found))
     else:
-        generation["values"] = resolve_decoding(cfg.eval)
+        generation["values"] = resolve_decoding(decoding)
     generation["stop_sequences"] = list(stop_sequences(cfg.agent.protocol))
     return {"eval": cfg.eval.model_dump(mode="json"),
             "agent": cfg.agent.for_training_mode(cfg.train.mode).model_dump(mode="json"),
