@@ -27,6 +27,9 @@ import yaml
 from arft_core.config import Config
 
 PARENT_RUN_ENV = "ARFT_PARENT_RUN_ID"
+# The experiment's kind, as MLflow 3's UI reads it: model training, so that it opens on the training runs rather
+# than on the (empty) GenAI traces overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _IGNORED = ("__pycache__",)
 # How long a call waits on a SQLite store another process holds locked (a long write, a stuck process) before
 # failing. Stages of one pipeline write briefly; a minute absorbs contention without hiding a stuck holder for long.
@@ -161,8 +164,11 @@ def configure(cfg: Config) -> str:
             location = None
             if uri.startswith("sqlite:"):
                 location = (cfg.root / cfg.tracking.artifact_location).resolve().as_uri()
-            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
-        mlflow.set_experiment(cfg.tracking.experiment)
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        experiment = mlflow.set_experiment(cfg.tracking.experiment)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri
 
 

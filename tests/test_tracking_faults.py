@@ -181,3 +181,17 @@ def test_a_stage_command_on_a_corrupted_store_ends_with_the_clear_error(tmp_path
     assert proc.returncode == 1 and last, proc.stderr[-3000:]
     assert f"MLflow store {tmp_path / 'tracking' / 'mlflow.db'} is corrupted" in last[-1]
     assert not (tmp_path / "models").exists()  # no stage work before the store was found broken
+
+
+def test_the_experiment_is_a_model_training_experiment(cfg):
+    """MLflow 3's UI opens an experiment by its kind: ours is model training (runs), also when an older version
+    made the experiment without one."""
+    from arft_core.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    client.delete_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG)
+    configure(cfg)
+    assert client.get_experiment(experiment.experiment_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
