@@ -113,7 +113,15 @@ def test_registered_version_has_candidate_alias(pipeline_project):
     registration = json.loads((project / "reports" / "registration.json").read_text())
     assert str(version.version) == registration["version"] == "1"
     assert "eval.mat-coding.agent.avg.f1" in version.tags and version.tags["git.commit"]
-    assert version.tags["dvc.input.models/trained"].endswith(".dir")
+    # Scores, fingerprint, data and code version only; each input's hash is a tag of the register run, and the
+    # version's digest is of exactly those.
+    assert len(version.tags) <= 40 and not any(k.startswith(("config.", "dvc.input.")) for k in version.tags)
+    run_inputs = {k[len("dvc.input."):]: v for k, v in client.get_run(version.run_id).data.tags.items()
+                  if k.startswith("dvc.input.")}
+    assert run_inputs["models/trained"].endswith(".dir")
+    import hashlib
+
+    assert version.tags["dvc.inputs"] == hashlib.sha256(json.dumps(run_inputs, sort_keys=True).encode()).hexdigest()
     # The registered pyfunc loads by alias and answers (None: the tiny model writes no <answer> tag).
     import mlflow
     import pandas as pd

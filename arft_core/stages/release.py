@@ -3,6 +3,7 @@ this evaluation when it was scored on another one)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,15 +12,18 @@ from arft_core.config import Config
 from arft_core.io import write_json_atomic
 from arft_core.stages.evaluate import eval_search, flat_scores, registered_model_dir
 
+INPUTS_TAG = "dvc.inputs"  # version tag: one digest of the register stage's input hashes (each a run tag)
+RESOLVED_CONFIG = "config/resolved_params.json"  # the register run's artifact: the whole config as it ran
+
 
 def register_stage(cfg: Config) -> dict:
-    """Register the trained model in MLflow with its scores, evaluation fingerprint, data hashes, config and commit
-    as tags, and set the candidate alias."""
+    """Register the trained model in MLflow with its scores, evaluation fingerprint, data hashes and commit as tags
+    (at most a few dozen), the resolved config as an artifact, and set the candidate alias."""
     import mlflow
 
     from arft_core.evaluation import eval_fingerprint, load_benchmark
     from arft_core.registry import FINGERPRINT, register_model
-    from arft_core.tracking import content_hash, flatten, git_tags, input_hashes, locked_out_hashes
+    from arft_core.tracking import content_hash, git_tags, input_hashes, locked_out_hashes
 
     scores = json.loads(cfg.path("eval_metrics").read_text())
     data_paths = {cfg.paths.mat_coding, cfg.paths.mat_search, cfg.paths.base_model}
@@ -28,13 +32,18 @@ def register_stage(cfg: Config) -> dict:
     # when DVC tracked this run, else computed), code, config. Input hashes only when DVC tracks this params file.
     locked = locked_out_hashes(cfg.root) if cfg.dvc_tracks_params else {}
     dvc = {f"dvc.data.{p}": locked.get(p) or content_hash(cfg.root / p) for p in sorted(data_paths)}
-    if cfg.dvc_tracks_params:
-        dvc.update({f"dvc.input.{k}": v for k, v in input_hashes(cfg.root, "register").items()})
-    tags = {**git_tags(cfg.root), **dvc,
-            **{f"config.{k}": v[:5000]
-               for k, v in flatten(cfg.model_dump(mode="json", include={"train", "model"})).items()},
-            **score_tags(scores), FINGERPRINT: eval_fingerprint(cfg, plan)}
+    # Every input's hash (code files included) is a tag of the register run; the version carries one digest of
+    # them, so that its page shows scores, decision, fingerprint, data and code version, not a hundred hashes.
+    inputs = input_hashes(cfg.root, "register") if cfg.dvc_tracks_params else {}
+    if inputs:
+        dvc[INPUTS_TAG] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    tags = {**git_tags(cfg.root), **dvc, **score_tags(scores, cfg.tracking.promotion_metrics),
+            FINGERPRINT: eval_fingerprint(cfg, plan)}
     result = register_model(cfg.path("trained_model"), cfg.tracking.registered_model, cfg.tracking.alias, tags)
+    # The full resolved config (presets applied), one artifact of the version's run instead of a tag per key.
+    mlflow.log_dict(cfg.model_dump(mode="json"), RESOLVED_CONFIG)
+    if inputs:
+        mlflow.log_dict(inputs, "dvc_inputs.json")
     if cfg.source:
         mlflow.log_artifact(str(cfg.source))
     write_json_atomic(cfg.path("registration"), result)
@@ -42,10 +51,11 @@ def register_stage(cfg: Config) -> dict:
     return {"version": int(result["version"])}
 
 
-def score_tags(scores: dict) -> dict[str, str]:
-    """eval.json's Simple/Hard/Avg F1 and EM as version tags: `eval.<bench>.<mode>.<split>.<f1|em>`."""
+def score_tags(scores: dict, keep: list[str] = ()) -> dict[str, str]:
+    """eval.json's Avg F1 and EM per benchmark and mode as version tags (`eval.<bench>.<mode>.avg.<f1|em>`), plus
+    the metrics named in `keep` (the promotion metrics); every other figure stays in the evaluation run."""
     return {f"eval.{k}": str(v) for k, v in flat_scores(scores).items()
-            if k.split(".")[2] in ("avg", "simple", "hard") and k.split(".")[3] in ("f1", "em")}
+            if (k.split(".")[2] == "avg" and k.split(".")[3] in ("f1", "em")) or f"eval.{k}" in keep}
 
 
 def promote_stage(cfg: Config) -> dict:
@@ -95,4 +105,4 @@ def rescore_version(cfg: Config, version) -> dict[str, str]:
     plan = {b: load_benchmark(b, sub) for b in benchmarks}
     print(f"re-scoring champion version {version.version} on this evaluation ({', '.join(benchmarks)})")
     scores, _, _ = evaluate(model_dir, sub, plan=plan)
-    return score_tags(scores)
+    return score_tags(scores, cfg.tracking.promotion_metrics)
