@@ -47,4 +47,5 @@ cfg = TrainConfig(max_steps=a.max_steps, save_steps=a.save_steps, num_generation
                   learning_rate=1e-2, reward_weights=[1.0], sft=sft)
 summary = train(ModelConfig(embedded={"vocab_size": 1024}), cfg, a.base, a.data, a.out, a.out.parent / "log.csv",
                 reward_funcs=[record_batches], checkpoint_dir=a.ckpt, callbacks=[KillAt()] if a.kill_at else [])
-print(json.dumps(summary))
+if rank in (None, "0"):  # one summary line, not two ranks' interleaved
+    print(json.dumps(summary), flush=True)
