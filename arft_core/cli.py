@@ -62,6 +62,13 @@ def _run_stage(stage: str, params: Optional[Path]) -> None:
         typer.echo(cfg.path(report).read_text())
 
 
+def _experiment_id(uri: str, name: str) -> str:
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else "0"
+
+
 def _stage_help(stage: Stage) -> str:
     """A stage command's help: the stage function's docstring, naming the stage when the command is another word."""
     suffix = "" if stage.command == (stage.name,) else f"\n\nThe `{stage.name}` stage of dvc.yaml."
@@ -138,6 +145,10 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     console.print(f"MLflow tracking URI: {uri}", highlight=False)
     console.print(f"MLflow parent run:   {result['mlflow_run_id']}", highlight=False)
     console.print(f"Browse the runs:     mlflow ui --backend-store-uri {uri}", highlight=False)
+    # MLflow 3's UI opens on its GenAI views unless asked for model training (its workflow switch).
+    experiment = _experiment_id(uri, cfg.tracking.experiment)
+    console.print(f"  then open:         http://127.0.0.1:5000/#/experiments/{experiment}"
+                  "?workflowType=machine_learning", highlight=False)
     for name in ("validation_report", "eval_metrics", "eval_report", "predictions", "registration", "promotion"):
         console.print(f"{name + ':':<20} {cfg.path(name)}", highlight=False)
 
