@@ -144,12 +144,12 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
     results: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
     sections = []
+    agent = cfg.agent.for_training_mode(cfg.train.mode)
     with tempfile.TemporaryDirectory(prefix="arft-eval-") as scratch, _tools(cfg, needs_code, needs_search) as tools:
         for bench, items in plan.items():
             generator.max_new_tokens = cfg.eval.max_new_tokens[bench]  # the paper's 1024 coding / 2048 search
             for mode in cfg.eval.modes:
                 if mode == "agent":
-                    agent = cfg.agent.for_training_mode(cfg.train.mode)
                     envs = [AgentEnv(b.env, tools, agent, Path(scratch) / bench / f"item-{k}")
                             for k, b in enumerate(items)]
                     records = run_episodes(envs, generator, tool_threads=cfg.sandbox.workers, progress=progress)

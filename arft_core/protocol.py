@@ -236,7 +236,9 @@ def paper_read(text: str, tag: str) -> str | None:
     content its regex captures (stripped; for problem: the set's inside), or None when the regex does not match."""
     regex = {"answer": _PAPER_ANSWER, "search": _PAPER_SEARCH, "problem": _PAPER_PROBLEM, "code": _PAPER_CODE}[tag]
     m = regex.search(text)
-    return m.group(1).strip() if m and tag in ("answer", "search") else (m.group(1) if m else None)
+    if m is None:
+        return None
+    return m.group(1).strip() if tag in ("answer", "search") else m.group(1)
 
 
 def paper_information(snippets: list[str]) -> str:
