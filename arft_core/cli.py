@@ -296,9 +296,10 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mo
              mode: list[str] = typer.Option([], "--mode", help="agent or direct (repeatable; default: eval.modes)."),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for eval.json, eval_report.html "
                                                 "and predictions/ (default: the pipeline's paths)."),
-             checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all: also evaluate every saved "
-                                                       "training checkpoint (paths.train_checkpoints), one MLflow "
-                                                       "child run per step, and plot F1 vs step."),
+             checkpoints: Optional[str] = typer.Option(None, "--checkpoints", help="all: also evaluate every "
+                                                       "checkpoint the last training saved, each an MLflow "
+                                                       "LoggedModel, and plot F1 vs step; none: not them "
+                                                       "(default: eval.checkpoints)."),
              show_config: bool = typer.Option(False, "--show-config", help="Print the resolved eval and agent "
                                               "settings (preset, --benchmark and --mode applied), the model's "
                                               "dtype and pixel budget, and the decoding values used (the "

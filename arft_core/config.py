@@ -103,8 +103,8 @@ class PathsConfig(Section):
     pipeline_state: str = Field(".arft/pipeline.json", description="The running pipeline's record (pid, session, "
                                 "MLflow run): the next run stops what a killed one left behind.")
     checkpoint_eval: str = Field("reports/checkpoints", description="Checkpoint comparison (`arft eval --checkpoints "
-                                 "all`, eval.checkpoints): checkpoints.csv (F1/EM per step, a DVC plot) and "
-                                 "f1_vs_step.png.")
+                                 "all`, eval.checkpoints): checkpoints.csv (F1/EM per step, a DVC plot), "
+                                 "f1_vs_step.png and models.json (the MLflow LoggedModel of each evaluated model).")
 
 
 class EmbeddedModelConfig(Section):
@@ -350,6 +350,9 @@ class SftConfig(Section):
                            "bench/learning_check.py shows a longer cold start).", ge=1)
     learning_rate: float = Field(1e-3, description="SFT learning rate.", gt=0)
     batch_size: int = Field(2, description="SFT samples per device per step.", ge=1)
+    save_steps: int = Field(0, description="Save the model every N SFT steps into paths.train_checkpoints/sft "
+                            "(weights only: SFT is rerun, never resumed); each becomes an MLflow LoggedModel the "
+                            "evaluation compares. 0: none.", ge=0)
 
 
 class LoraConfig(Section):
@@ -531,8 +534,10 @@ class EvalConfig(Section):
                                        "them, e.g. the full FanOutQA dev set).", ge=1)
     report_images_px: int = Field(320, description="Longest side of images inlined in the HTML report.", ge=32)
     checkpoints: Literal["none", "all"] = Field(
-        "none", description="all: the evaluate stage also evaluates every saved training checkpoint "
-        "(paths.train_checkpoints) on the same evaluation, one MLflow child run per step, and plots F1 vs step.")
+        "all", description="all: the evaluate stage also evaluates every checkpoint the training saved "
+        "(train.save_steps, train.sft.save_steps) on the same evaluation, each an MLflow LoggedModel with its "
+        "metrics at its step (the experiment's Models tab compares them), and plots F1 vs step; none: the final "
+        "model only.")
 
     @field_validator("max_new_tokens", mode="before")
     @classmethod

@@ -92,14 +92,18 @@ def run_direct(items: list[BenchItem], benchmark: str, generator) -> list[dict]:
             for b, out in zip(items, outputs, strict=True)]
 
 
-def score_run(items: list[BenchItem], records: list[dict], benchmark: str) -> tuple[dict, list[dict]]:
-    """(metrics, predictions) for one benchmark and mode."""
+def score_run(items: list[BenchItem], records: list[dict], benchmark: str,
+              mode: str = "agent") -> tuple[dict, list[dict]]:
+    """(metrics, predictions) for one benchmark and mode; agent mode also scores the valid-action rate."""
     cjk = benchmark == "mat-coding"
     predictions, rows = [], []
     for b, rec in zip(items, records, strict=True):
         s = metrics.score(rec["pred_answer"], b.env.answers, cjk)
         row = {**s, "answered": rec["pred_answer"] is not None, "split": b.split,
                "type": "+".join(b.types) if b.types else None}
+        outputs = [t for t in rec["turns"] if t.get("output") is not None]
+        if mode == "agent":  # the share of the item's model turns that were a well-formed action (0 when none ran)
+            row["valid_actions"] = sum(t["action"] is not None for t in outputs) / len(outputs) if outputs else 0.0
         rows.append(row)
         predictions.append({"id": b.env.id, "gt": b.env.answers, "pred_answer": rec["pred_answer"],
                             **({"split": b.split} if b.split else {}), **({"type": b.types} if b.types else {}),
@@ -132,11 +136,14 @@ def _by_dataset(scores: dict, splits: list[str | None]) -> dict:
 
 
 def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None,
-             generator=None, plan: dict[str, list[BenchItem]] | None = None) -> tuple[dict, dict[str, list[dict]], str]:
+             generator=None, plan: dict[str, list[BenchItem]] | None = None, *,
+             tracer: Callable[[str, str, list[BenchItem], list[dict]], None] | None = None,
+             ) -> tuple[dict, dict[str, list[dict]], str]:
     """Run every configured benchmark and mode. Returns (metrics[benchmark][mode], predictions["bench.mode"],
     the HTML report). `generator` defaults to `eval_generator` on `model_dir`; its `max_new_tokens` is set to each
     benchmark's eval.max_new_tokens in turn. `plan` is the loaded benchmarks (default: `load_benchmark` for each of
-    `cfg.eval.benchmarks`)."""
+    `cfg.eval.benchmarks`). `tracer(benchmark, mode, items, predictions)` is called after each benchmark and mode
+    is scored, while the tool images are still in the scratch folder (e.g. `traces.log_eval_traces`)."""
     plan = plan or {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
     generator = generator or eval_generator(model_dir, cfg)
     needs_code = "agent" in cfg.eval.modes and "mat-coding" in plan
@@ -156,7 +163,9 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
                 else:
                     records = run_direct(items, bench, generator)
                     progress(len(items))
-                scores, preds = score_run(items, records, bench)
+                scores, preds = score_run(items, records, bench, mode)
+                if tracer is not None:
+                    tracer(bench, mode, items, preds)
                 results.setdefault(bench, {})[mode] = scores
                 sections.append(render_section(bench, mode, scores, items, preds, cfg.eval.report_images_px))
                 predictions[f"{bench}.{mode}"] = [_portable(p) for p in preds]
@@ -218,6 +227,9 @@ class _tools:
             self.pool.close()
 
 
+_TIMING_KEYS = ("gen_start_ns", "gen_end_ns", "tool_start_ns", "tool_elapsed_s")
+
+
 def _portable(prediction: dict) -> dict:
     """Prediction without scratch-folder image paths (the images live inline in the HTML report)."""
     turns = []
@@ -225,7 +237,8 @@ def _portable(prediction: dict) -> dict:
         obs = t.get("observation")
         if obs:
             obs = {"text": obs["text"], "new_image": obs.get("image") is not None}
-        turns.append({**t, "observation": obs})
+        # Timings (for traces) left out: the same predictions from the same model and data, run after run.
+        turns.append({k: v for k, v in {**t, "observation": obs}.items() if k not in _TIMING_KEYS})
     return {**prediction, "turns": turns}
 
 
@@ -248,7 +261,7 @@ def _table(scores: dict) -> str:
     head = "".join(f"<th>{html.escape(s)}</th>" for s in splits)
     body = "".join(
         f"<tr><td>{m}</td>" + "".join(f"<td>{scores[s][m]}</td>" for s in splits) + "</tr>"
-        for m in ("n", "f1", "em", "squad_f1", "no_answer_rate"))
+        for m in ("n", "f1", "em", "squad_f1", "no_answer_rate", "valid_action_rate") if m in scores[splits[0]])
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 

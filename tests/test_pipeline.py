@@ -42,7 +42,8 @@ def mlflow_client(project: Path):
 
 @pytest.fixture(scope="module")
 def pipeline_project(tmp_path_factory, prefect_server):
-    project = copy_project(tmp_path_factory.mktemp("e2e") / "project")
+    # SFT saves a checkpoint at each of its 2 steps: with the final model, 3 models to compare.
+    project = copy_project(tmp_path_factory.mktemp("e2e") / "project", {"train": {"sft": {"save_steps": 1}}})
     proc = arft("pipeline", cwd=project)
     return project, proc.stdout + proc.stderr
 
@@ -91,6 +92,50 @@ def test_mlflow_has_parent_and_nested_stage_runs(pipeline_project):
     assert "data.n_train" in parent.data.params and "data.n_train" in children["data"].data.params
 
 
+def test_checkpoints_are_logged_models_with_linked_metrics_and_traces(pipeline_project):
+    """Every saved model is a LoggedModel of the train run with the evaluation's metrics linked at its step (and to
+    the benchmark's dataset); each evaluated item of each model is one trace, linked to the model and the
+    evaluation run, searchable by its tags."""
+    import mlflow
+
+    project, _ = pipeline_project
+    client = mlflow_client(project)
+    exp = client.get_experiment_by_name("arft")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    train = json.loads((project / "reports" / "train.json").read_text())
+    assert [(m["step"], m["phase"]) for m in train["models"]] == [(1, "sft"), (2, "sft"), (3, "final")]
+    models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{train['run_id']}'")
+    assert sorted(int(m.tags["arft.step"]) for m in models) == [1, 2, 3]
+    scores = json.loads((project / "reports" / "eval.json").read_text())
+    per_model = sum(s["avg"]["n"] for modes in scores.values() for s in modes.values())
+    evaluate_run = client.search_runs([exp.experiment_id], "tags.`arft.stage` = 'evaluate'")[0].info.run_id
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{project}/tracking/mlflow.db")  # also exported to subprocesses: undo it
+    try:
+        for m in models:
+            step = int(m.tags["arft.step"])
+            assert m.status.to_int() == 2  # READY: the agent's files are logged
+            linked = {x.key: x for x in m.metrics if x.run_id == evaluate_run}
+            assert {"mat-coding.agent.avg.f1", "mat-coding.agent.avg.valid_action_rate",
+                    "multihop.direct.avg.em"} <= set(linked)
+            assert {x.step for x in linked.values()} == {step}
+            assert linked["mat-search.agent.avg.f1"].dataset_name == "mat-search-test"
+            traces = mlflow.search_traces(locations=[exp.experiment_id], return_type="list",
+                                          filter_string=f"request_metadata.`mlflow.modelId` = '{m.model_id}'")
+            assert len(traces) == per_model
+            assert {t.info.request_metadata["mlflow.sourceRun"] for t in traces} == {evaluate_run}
+            coding = mlflow.search_traces(
+                locations=[exp.experiment_id], return_type="list",
+                filter_string=f"request_metadata.`mlflow.modelId` = '{m.model_id}' AND "
+                              "tags.`arft.benchmark` = 'mat-coding' AND tags.`arft.mode` = 'agent'")
+            assert len(coding) == scores["mat-coding"]["agent"]["avg"]["n"]
+            assert all(t.info.tags["arft.item_id"] and t.info.tags["arft.corruption"] for t in coding)
+    finally:
+        mlflow.set_tracking_uri(before)
+    csv = (project / "reports" / "checkpoints" / "checkpoints.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in csv[1:]] == ["1", "2", "3"]
+
+
 def test_each_stage_reads_only_the_params_it_declares(pipeline_project):
     """The sections a stage's code really read (recorded during the run) are among those dvc.yaml tracks for it;
     `paths` is tracked through the stage's deps and outs instead."""
@@ -117,13 +162,18 @@ def test_registered_version_has_candidate_alias(pipeline_project):
     # Scores, fingerprint, data and code version only; each input's hash is a tag of the register run, and the
     # version's digest is of exactly those.
     assert len(version.tags) <= 40 and not any(k.startswith(("config.", "dvc.input.")) for k in version.tags)
-    run_inputs = {k[len("dvc.input."):]: v for k, v in client.get_run(version.run_id).data.tags.items()
+    run_inputs = {k[len("dvc.input."):]: v for k, v in client.get_run(version.tags["arft.register_run"]).data.tags.items()
                   if k.startswith("dvc.input.")}
     assert run_inputs["models/trained"].endswith(".dir")
     import hashlib
 
     assert version.tags["dvc.inputs"] == hashlib.sha256(json.dumps(run_inputs, sort_keys=True).encode()).hexdigest()
-    # The registered pyfunc loads by alias and answers (None: the tiny model writes no <answer> tag).
+    # The registered version is the LoggedModel of the final model, a model of the train run.
+    train = json.loads((project / "reports" / "train.json").read_text())
+    final = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert final.source_run_id == train["run_id"] and final.tags["arft.phase"] == "final"
+    assert int(final.tags["arft.step"]) == train["models"][-1]["step"]
+    # It loads by alias and runs the agent loop (None: the tiny model writes no <answer> tag).
     import mlflow
     import pandas as pd
 
@@ -132,11 +182,12 @@ def test_registered_version_has_candidate_alias(pipeline_project):
     try:
         item = json.loads((project / "data" / "mat_coding" / "test.json").read_text())[0]
         model = mlflow.pyfunc.load_model("models:/arft-agent@candidate")
-        image = str(project / "data" / "mat_coding" / item["processed_image_path"])
-        answers = model.predict(pd.DataFrame({"question": [item["question"]], "image_path": [image]}))
+        image = (project / "data" / "mat_coding" / item["processed_image_path"]).read_bytes()
+        out = model.predict(pd.DataFrame({"question": [item["question"]], "image": [image]}))
     finally:
         mlflow.set_tracking_uri(before)
-    assert len(answers) == 1 and (answers[0] is None or isinstance(answers[0], str))
+    assert len(out) == 1 and (out["answer"][0] is None or isinstance(out["answer"][0], str))
+    assert len(json.loads(out["trajectory"][0])) == out["n_turns"][0] >= 1
 
 
 def test_prefect_recorded_the_flow_runs(pipeline_project):

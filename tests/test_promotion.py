@@ -5,8 +5,8 @@ differ because the data does (real SFT + GRPO, real evaluation), not because any
 Round 1 learns the answer "otter" (test gold: otter / otter falcon / otter falcon -> F1 77.78) and becomes champion.
 Round 2 skips the SFT cold start (the tiny model then writes no answer: F1 0) and stays candidate.
 Round 3 gets new annotations, "otter falcon" (F1 88.89), on a changed evaluation (longer generations): the champion
-is re-scored on it, and the candidate takes the champion alias. Its three checkpoints are then compared with
-`arft eval --checkpoints all`.
+is re-scored on it, and the candidate takes the champion alias. Its models (two GRPO checkpoints and the final one)
+are LoggedModels of its train run, then compared again with `arft eval --checkpoints all`.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def test_training_rounds_promote_only_a_better_model(tmp_path, team_mlflow, monk
     v2 = client.get_model_version(name, second["candidate_version"]).tags
     assert v2["promotion.promoted"] == "False" and float(v2["promotion.champion_score"]) == pytest.approx(77.78, 0.01)
     assert v2["dvc.data.data/mat_search"].endswith(".dir") and len(v2) <= 40
-    version_run = client.get_model_version(name, second["candidate_version"]).run_id
-    resolved = mlflow.artifacts.load_dict(f"runs:/{version_run}/config/resolved_params.json")
+    register_run = v2["arft.register_run"]
+    resolved = mlflow.artifacts.load_dict(f"runs:/{register_run}/config/resolved_params.json")
     assert resolved["train"]["sft"]["enabled"] is False  # the config travels as one artifact, not tags
     assert v2["git.commit"] != "unknown" and len(v2["eval.fingerprint"]) == 16
     # Each decision is an MLflow run with both scores.
@@ -119,20 +119,27 @@ def test_training_rounds_promote_only_a_better_model(tmp_path, team_mlflow, monk
     # Artifacts went through the server into its store.
     assert list(artifact_store.rglob("promotion.json")) and list(artifact_store.rglob("model.safetensors"))
 
-    # The champion loads by alias, and every checkpoint of round 3 is compared on the same evaluation.
+    # Round 3's models are LoggedModels of its train run (SFT's 70 steps, then GRPO checkpoints 71, 72 and the final
+    # 73), each with its metrics linked at its step; the registered version is the final one.
+    train = json.loads((project / "reports" / "train.json").read_text())
+    assert [(m["step"], m["phase"]) for m in train["models"]] == [(71, "grpo"), (72, "grpo"), (73, "final")]
+    logged = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{train['run_id']}'")
+    assert sorted(int(m.tags["arft.step"]) for m in logged) == [71, 72, 73]
+    for m in logged:
+        linked = [x for x in m.metrics if x.key == "mat-search.agent.avg.f1"]
+        assert [x.step for x in linked] == [int(m.tags["arft.step"])] and linked[0].dataset_name == "mat-search-test"
+    final = next(m for m in logged if m.tags["arft.phase"] == "final")
+    assert client.get_model_version(name, third["candidate_version"]).source == f"models:/{final.model_id}"
+
+    # The champion loads by alias, and every model of round 3 is compared with it on the same evaluation.
     proc = arft("eval", "--model", "models:/arft-agent@champion", "--checkpoints", "all", "--out", "cmp",
                 cwd=project)
     assert json.loads((project / "cmp" / "eval.json").read_text())["mat-search"]["agent"]["avg"]["f1"] == \
         pytest.approx(88.89, abs=0.01), proc.stdout
-    children = client.search_runs([exp.experiment_id], "tags.`arft.stage` = 'checkpoint-eval'")
-    assert sorted(int(r.data.params["checkpoint.step"]) for r in children) == [1, 2, 3]
-    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
-    for run in children:
-        history = client.get_metric_history(run.info.run_id, "mat-search.agent.avg.f1")
-        assert [m.step for m in history] == [int(run.data.params["checkpoint.step"])]
     lines = (project / "cmp" / "checkpoints" / "checkpoints.csv").read_text().splitlines()
     assert lines[0].split(",")[:2] == ["step", "mat-search.agent.f1"] and [ln.split(",")[0] for ln in lines[1:]] \
-        == ["1", "2", "3"]
+        == ["71", "72", "73"]
     assert (project / "cmp" / "checkpoints" / "f1_vs_step.png").stat().st_size > 5000
 
     # The MLflow UI and REST API serve it all.

@@ -8,9 +8,11 @@ leaked variables and a shared `cache.jpg` across items, spec §8.6).
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar, cast
 
 from arft_core import metrics, protocol, rewards
 from arft_core.config import AgentConfig
@@ -91,6 +93,25 @@ def code_runner(sandbox, image_column: str = "image_path", root: Path | None = N
             return new is not None
 
     return ran
+
+
+_Tool = TypeVar("_Tool", bound=Callable[..., Any])
+
+
+def _timed(tool: _Tool) -> _Tool:
+    """Record a tool call's wall time on the turn's info: `tool_start_ns` (epoch ns, as the rollout's generation
+    windows) and `tool_elapsed_s`; traces place the tool's span by them."""
+
+    @functools.wraps(tool)
+    def timed(self, content, info: dict):
+        info["tool_start_ns"] = time.time_ns()
+        start = time.perf_counter()  # monotonic: a clock adjustment mid-call cannot make the duration negative
+        try:
+            return tool(self, content, info)
+        finally:
+            info["tool_elapsed_s"] = time.perf_counter() - start
+
+    return cast(_Tool, timed)
 
 
 class AgentEnv:
@@ -257,6 +278,7 @@ class AgentEnv:
         return protocol.query_text(self.item.task, self.item.question, self.cfg.protocol)
 
     # ---- tools
+    @_timed
     def _paper_search(self, query: str, info: dict) -> Observation | None:
         """The paper's search feedback (raw snippets), or None when the search fails (the item then ends)."""
         from arft_core.search import SearchError
@@ -272,6 +294,7 @@ class AgentEnv:
             return None
         return Observation(protocol.paper_information([r.snippet for r in results[:self.tools.top_k]]))
 
+    @_timed
     def _search(self, query: str, info: dict) -> Observation:
         from arft_core.search import SearchError, format_information
 
@@ -286,6 +309,7 @@ class AgentEnv:
             text = "<information> Search failed. </information>"
         return Observation(text)
 
+    @_timed
     def _code(self, code: str, info: dict) -> Observation:
         """Run `code` on the current image; the new image, or our `<error>` feedback (the paper protocol shows the
         model nothing on failure: its transcript takes each turn's `context`, never this text)."""

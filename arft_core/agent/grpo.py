@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,10 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from arft_core.agent.env import AgentEnv
+from arft_core.agent.env import AgentEnv, EnvItem
+from arft_core.agent.rollout import mark_generation
+
+SAMPLES = 8  # trajectories of a sampled rollout rendered (sample_sink) and traced
 
 
 def _rollout_marker() -> None:
@@ -91,11 +95,14 @@ class AgenticGRPOTrainer(GRPOTrainer):
                     ids = (ids + [self._tokenizer.eos_token_id])[:budget - len(comp[i])]
                     outs[i] = ids, [0.0] * len(ids)
             todo = [i for i in live if i not in outs and budget - len(comp[i]) > 0]
+            window = None  # this rank's generation (epoch ns), for the traces
             if self._on_any_rank(bool(todo)):  # decided together: generation may be collective (ZeRO-3)
                 if todo:
                     room = {i: budget - len(comp[i]) for i in todo}
+                    start = time.time_ns()
                     new = self._generate_turn([prompt_ids[i] + comp[i] for i in todo], [images[i] for i in todo],
                                               max(room.values()))
+                    window = start, time.time_ns()
                     outs.update({i: (ids[:room[i]], lp[:room[i]]) for i, (ids, lp) in zip(todo, new, strict=True)})
                 else:  # another rank generates: take part with a filler generation of this rank's first prompt
                     # (with its image, so that the vision tower runs here too), whose output is dropped
@@ -124,6 +131,8 @@ class AgenticGRPOTrainer(GRPOTrainer):
                 if image is not None:
                     images[i].append(image)
                 still.append(i)
+            if window is not None:  # every generated item stepped or failed: its newest turn is this one
+                mark_generation([envs[i] for i in todo], *window)
             live = still
         records = [env.record() for env in envs]
         calls = [r["tool_calls"] for r in records]
@@ -135,7 +144,9 @@ class AgenticGRPOTrainer(GRPOTrainer):
         self.last_rollout = {"turn_images": turn_images, "end": [r["end"] for r in records]}
         step = self.state.global_step + 1
         if self.sample_sink and self.sample_every and mode == "train" and (step - 1) % self.sample_every == 0:
-            self.sample_sink(f"rollouts/step_{step:06d}.html", render_trajectories(step, self._rows, records))
+            self.sample_sink(f"rollouts/step_{step:06d}.html",
+                             render_trajectories(step, self._rows, records, limit=SAMPLES))
+            _trace_samples([env.item for env in envs], records, step)
         # What reward functions see as the completion: the model's own tokens, observations left out.
         model_text = [self._tokenizer.decode([t for t, m in zip(c, k, strict=True) if m], skip_special_tokens=True)
                       for c, k in zip(comp, mask, strict=True)]
@@ -195,7 +206,18 @@ class AgenticGRPOTrainer(GRPOTrainer):
         return result
 
 
-def render_trajectories(step: int, rows: list[dict], records: list[dict], limit: int = 8) -> str:
+def _trace_samples(items: list[EnvItem], records: list[dict], step: int) -> None:
+    """The sampled trajectories as MLflow traces of the active run (none without one), while the rollout's tool
+    images still exist."""
+    import mlflow
+
+    from arft_core.traces import log_training_traces
+
+    if (run := mlflow.active_run()) is not None:
+        log_training_traces(items, records, step, limit=SAMPLES, run_id=run.info.run_id)
+
+
+def render_trajectories(step: int, rows: list[dict], records: list[dict], limit: int = SAMPLES) -> str:
     """A self-contained HTML page of a rollout's first trajectories: each turn, its tool result and images."""
     import html
 

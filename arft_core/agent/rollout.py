@@ -3,6 +3,7 @@ environment (tools in parallel threads). A failure in one item is recorded on th
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +45,31 @@ def run_episodes(envs: Sequence[AgentEnv], generator: Generator, tool_threads: i
             for env in live:
                 messages, images = env.prompt()
                 prompts.append(Prompt(messages, images, env.item.id, turn))
+            gen_start = time.time_ns()
             try:
                 outputs = generator.generate(prompts)
             except Exception as e:  # the back-end failed for the whole batch: record on each item, stop them
                 for env in live:
                     env.fail(e)
+                mark_generation(live, gen_start, time.time_ns())
                 progress(len(live))
                 break
+            gen_end = time.time_ns()
             list(pool.map(_step, live, outputs))
+            mark_generation(live, gen_start, gen_end)
             finished = [env for env in live if env.done]
             live = [env for env in live if not env.done]
             if finished:
                 progress(len(finished))
     return [env.record() for env in envs]
+
+
+def mark_generation(envs: Sequence[AgentEnv], start_ns: int, end_ns: int) -> None:
+    """Record on each env's newest turn (`fail` turns too) the window of the batched generation that produced it:
+    every item of a batch waited for the whole call, so they share it (traces time the model turns by it)."""
+    for env in envs:
+        if env.turns:
+            env.turns[-1].update(gen_start_ns=start_ns, gen_end_ns=end_ns)
 
 
 def _step(env: AgentEnv, output: str) -> None:

@@ -10,9 +10,15 @@ from arft_core.io import write_json_atomic, write_text_atomic
 from arft_core.progress import progress_bar
 
 
+STEP_TAG, PHASE_TAG = "arft.step", "arft.phase"  # a LoggedModel's training step; sft, grpo or final
+MODELS_FILE = "models.json"  # in paths.checkpoint_eval: the LoggedModel of each evaluated model
+
+
 def evaluate_stage(cfg: Config) -> dict:
     """Evaluate the trained policy on MAT-Coding, MAT-Search and multi-hop QA, with tools (agent) and without
-    (direct); F1/EM (multi-hop: per dataset, `multihop.<mode>.<dataset>.f1`), predictions and an HTML report."""
+    (direct); F1/EM (multi-hop: per dataset, `multihop.<mode>.<dataset>.f1`), predictions and an HTML report. Each
+    evaluated model is an MLflow LoggedModel of the train run (the agent, loadable and servable) with its metrics
+    linked to it and each item's trajectory as a trace; with eval.checkpoints all, every saved checkpoint too."""
     import mlflow
 
     from arft_core.evaluation import eval_fingerprint, eval_generator, evaluate, generation_settings, load_benchmark
@@ -21,22 +27,24 @@ def evaluate_stage(cfg: Config) -> dict:
     # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
     cfg = cfg.model_copy(update={"search": eval_search(cfg)})
     plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
+    fingerprint = eval_fingerprint(cfg, plan)
+    mlflow.set_tag("eval.fingerprint", fingerprint)
+    saved = training_record(cfg).get("models", [])
+    final = saved[-1] if saved and cfg.path("trained_model") == (cfg.root / saved[-1]["folder"]).resolve() else None
     total = sum(map(len, plan.values())) * len(cfg.eval.modes)
     with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
         generator = eval_generator(cfg.path("trained_model"), cfg)
         # Logged before generating: under `eval.decoding: checkpoint` the values come from the model folder.
         mlflow.log_params(generation_settings(generator, cfg))
+        model_id = new_logged_model(cfg, final) if final else None
         scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, generator=generator,
-                                               plan=plan)
+                                               plan=plan, tracer=_tracer(model_id))
     out = cfg.path("predictions")
     for name, rows in predictions.items():
         write_json_atomic(out / f"{name}.json", rows)
     write_json_atomic(cfg.path("eval_metrics"), scores)
     write_text_atomic(cfg.path("eval_report"), report)
     flat = flat_scores(scores)
-    mlflow.log_metrics(flat)
-    fingerprint = eval_fingerprint(cfg, plan)
-    mlflow.set_tag("eval.fingerprint", fingerprint)
     mlflow.log_artifact(str(cfg.path("eval_report")))
     mlflow.log_artifacts(str(out), artifact_path="predictions")
     for bench, modes in scores.items():
@@ -49,10 +57,104 @@ def evaluate_stage(cfg: Config) -> dict:
                 print(f"{label:<11} {mode:<7} F1 {s[row]['f1']:6.2f}  EM {s[row]['em']:6.2f}  "
                       f"no answer {s[row]['no_answer_rate']:6.2f}%  (n={s[row]['n']})")
     print(f"report: {cfg.path('eval_report')}")
-    rows = evaluate_checkpoints(cfg, plan, fingerprint) if cfg.eval.checkpoints == "all" else []
-    if not rows:  # the DVC plot file exists either way
-        write_text_atomic(cfg.path("checkpoint_eval") / "checkpoints.csv", _csv([]))
+    # The final model is one of them when another model was evaluated above (`arft eval --model`).
+    checkpoints = [m for m in saved if m is not final] if cfg.eval.checkpoints == "all" else []
+    if cfg.eval.checkpoints == "all" and not checkpoints:
+        print("eval.checkpoints all: no checkpoints saved (train.save_steps, train.sft.save_steps)")
+    logged: list[dict] = []  # {step, phase, model_id} of each LoggedModel, for the register stage
+    rows = evaluate_checkpoints(cfg, plan, checkpoints, logged) if checkpoints else []
+    # Last, at the largest step: the run's latest value of each metric is the final model's.
+    log_linked_metrics(scores, plan, cfg, final["step"] if final else None, model_id)
+    if final:
+        rows.append({"step": final["step"], **_csv_row(flat)})
+        log_agent_model(cfg, final, model_id)
+        logged.append({"step": final["step"], "phase": "final", "model_id": model_id})
+    write_text_atomic(cfg.path("checkpoint_eval") / "checkpoints.csv", _csv(rows))  # the DVC plot file, always
+    write_json_atomic(cfg.path("checkpoint_eval") / MODELS_FILE, logged)
+    if len(rows) > 1:
+        print(f"metrics vs step: {_plot_f1(rows, cfg.path('checkpoint_eval') / 'f1_vs_step.png')}")
+        mlflow.log_artifacts(str(cfg.path("checkpoint_eval")), artifact_path="checkpoints")
     return {k: v for k, v in flat.items() if k.endswith(".avg.f1") or k.endswith(".avg.em")}
+
+
+def evaluated_model(cfg: Config) -> dict:
+    """The final model's LoggedModel as the evaluate stage scored it ({step, phase, model_id})."""
+    import json
+
+    path = cfg.path("checkpoint_eval") / MODELS_FILE
+    found = [m for m in json.loads(path.read_text()) if m["phase"] == "final"] if path.is_file() else []
+    if not found:
+        raise FileNotFoundError(f"{path}: no evaluated final model (run the evaluate stage first)")
+    return found[0]
+
+
+def training_record(cfg: Config) -> dict:
+    """train.json of the last training: its MLflow run (`run_id`) and the models it saved (`models`: {step, phase,
+    folder}, the final one last); empty when there is none (a model evaluated without this project's training)."""
+    import json
+
+    path = cfg.path("train_metrics")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def new_logged_model(cfg: Config, model: dict) -> str:
+    """A LoggedModel for one saved model, created before it is evaluated (its traces link to it): named
+    `checkpoint-<step>`, a model of the train run, with the train settings as params and its step and phase as
+    tags. The agent's files are logged into it once its evaluation is done (`log_agent_model`)."""
+    import mlflow
+
+    from arft_core.tracking import flatten
+
+    params = flatten(cfg.model_dump(mode="json")["train"], "train.")
+    logged = mlflow.initialize_logged_model(name=f"checkpoint-{model['step']}", source_run_id=training_record(cfg).get("run_id"),
+                                            params=params, tags={STEP_TAG: str(model["step"]),
+                                                                 PHASE_TAG: model["phase"]})
+    return logged.model_id
+
+
+def log_agent_model(cfg: Config, model: dict, model_id: str) -> None:
+    """The agent (weights, the settings it was evaluated with, the evaluation's search cache) into its LoggedModel,
+    which is then ready to register, load and serve."""
+    from arft_core.registry import log_agent
+
+    # An output of the train run, so MLflow links the train run's metrics at this step (its loss, reward) to it.
+    log_agent(cfg.root / model["folder"], cfg, step=model["step"], model_id=model_id,
+              run_id=training_record(cfg).get("run_id"))
+
+
+def benchmark_dataset(name: str, items: list):
+    """A benchmark's test items as an MLflow dataset (id, question, answers, split), what metrics link to."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame([{"id": str(b.env.id), "question": b.env.question, "answers": " | ".join(b.env.answers),
+                           "split": b.split or ""} for b in items])
+    return mlflow.data.from_pandas(frame, name=f"{name}-test")
+
+
+def log_linked_metrics(scores: dict, plan: dict, cfg: Config, step: int | None, model_id: str | None) -> None:
+    """Metrics in the active run, each benchmark's linked to its dataset and, with `model_id`, to that
+    LoggedModel at `step` (the Models tab compares them side by side)."""
+    import mlflow
+
+    for bench, modes in scores.items():
+        flat = flat_scores({bench: modes})
+        dataset = benchmark_dataset(bench, plan[bench]) if model_id else None
+        mlflow.log_metrics(flat, step=step, model_id=model_id, dataset=dataset)
+
+
+def _tracer(model_id: str | None):
+    """The evaluation's trace hook: every item's trajectory as an MLflow trace of the active run (and model)."""
+    import mlflow
+
+    from arft_core.traces import log_eval_traces
+
+    run = mlflow.active_run()
+
+    def trace(bench, mode, items, preds):
+        log_eval_traces(items, preds, bench, mode, model_id=model_id, run_id=run.info.run_id if run else None)
+
+    return trace
 
 
 def eval_search(cfg: Config, mode: str | None = None, cache_path: str | None = None):
@@ -129,48 +231,30 @@ def registered_model_dir(uri: str) -> Path:
     return found[0]
 
 
-def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every `checkpoint-<step>` under `folder`, by step."""
-    found = [(int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found)
-
-
-def evaluate_checkpoints(cfg: Config, plan: dict, fingerprint: str) -> list[dict]:
-    """Every saved training checkpoint on the same evaluation: one nested MLflow run per checkpoint (metrics under
-    the evaluate stage's names, logged at the checkpoint's step), a CSV for DVC plots and an F1-vs-step PNG."""
-    import mlflow
-
+def evaluate_checkpoints(cfg: Config, plan: dict, checkpoints: list[dict], logged: list[dict]) -> list[dict]:
+    """Every saved training checkpoint ({step, phase, folder}) on the same evaluation: each a LoggedModel with its
+    metrics (at its step) and traces linked to it; returns the CSV rows (step, then Avg F1/EM per benchmark and
+    mode)."""
     from arft_core.evaluation import evaluate
-    from arft_core.registry import FINGERPRINT
 
-    found = checkpoint_steps(cfg.path("train_checkpoints"))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint-<step> folders in {cfg.path('train_checkpoints')}: train with "
-                                "train.save_steps > 0 to keep checkpoints")
     rows = []
-    for step, folder in found:
-        with progress_bar(f"checkpoint-{step}", sum(map(len, plan.values())) * len(cfg.eval.modes)) as advance:
-            scores, _, _ = evaluate(folder, cfg, advance, plan=plan)
-        flat = flat_scores(scores)
-        with mlflow.start_run(run_name=f"checkpoint-{step}", nested=True,
-                              tags={"arft.stage": "checkpoint-eval", "arft.checkpoint.step": str(step),
-                                    FINGERPRINT: fingerprint}):
-            mlflow.log_param("checkpoint.step", step)
-            mlflow.log_param("checkpoint.path", str(folder))
-            mlflow.log_metrics(flat, step=step)
-        mlflow.log_metrics({f"checkpoint.{k}": v for k, v in flat.items()}, step=step)  # the stage run's chart
-        rows.append({"step": step, **{k.replace(".avg", ""): v for k, v in flat.items()
-                                      if k.endswith((".avg.f1", ".avg.em"))}})
-    out = cfg.path("checkpoint_eval")
-    write_text_atomic(out / "checkpoints.csv", _csv(rows))
-    plot = _plot_f1(rows, out / "f1_vs_step.png")
-    mlflow.log_artifacts(str(out), artifact_path="checkpoints")
-    for row in rows:
-        print("checkpoint-{step}: ".format(**row) + "  ".join(f"{k} {v:.2f}" for k, v in row.items()
-                                                             if k.endswith(".f1")))
-    print(f"F1 vs step: {plot}")
+    for model in checkpoints:
+        model_id = new_logged_model(cfg, model)
+        folder = cfg.root / model["folder"]
+        with progress_bar(f"{model['phase']} checkpoint of step {model['step']}",
+                          sum(map(len, plan.values())) * len(cfg.eval.modes)) as advance:
+            scores, _, _ = evaluate(folder, cfg, advance, plan=plan, tracer=_tracer(model_id))
+        log_linked_metrics(scores, plan, cfg, model["step"], model_id)
+        log_agent_model(cfg, model, model_id)
+        logged.append({"step": model["step"], "phase": model["phase"], "model_id": model_id})
+        rows.append({"step": model["step"], **_csv_row(flat_scores(scores))})
+        print(f"step {model['step']} ({model['phase']}): " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
+                                                                       if k.endswith(".f1")))
     return rows
+
+
+def _csv_row(flat: dict[str, float]) -> dict[str, float]:
+    return {k.replace(".avg", ""): v for k, v in flat.items() if k.endswith((".avg.f1", ".avg.em"))}
 
 
 def flat_scores(scores: dict) -> dict[str, float]:

@@ -14,6 +14,7 @@ from arft_core.stages.evaluate import eval_search, flat_scores, registered_model
 
 INPUTS_TAG = "dvc.inputs"  # version tag: one digest of the register stage's input hashes (each a run tag)
 RESOLVED_CONFIG = "config/resolved_params.json"  # the register run's artifact: the whole config as it ran
+REGISTER_RUN_TAG = "arft.register_run"  # version tag: the register run (resolved config, every input's hash)
 
 
 def register_stage(cfg: Config) -> dict:
@@ -23,6 +24,7 @@ def register_stage(cfg: Config) -> dict:
 
     from arft_core.evaluation import eval_fingerprint, load_benchmark
     from arft_core.registry import FINGERPRINT, register_model
+    from arft_core.stages.evaluate import evaluated_model
     from arft_core.tracking import content_hash, git_tags, input_hashes, locked_out_hashes
 
     scores = json.loads(cfg.path("eval_metrics").read_text())
@@ -37,10 +39,14 @@ def register_stage(cfg: Config) -> dict:
     inputs = input_hashes(cfg.root, "register") if cfg.dvc_tracks_params else {}
     if inputs:
         dvc[INPUTS_TAG] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    # The version's run is the train run (its LoggedModel's source); this run, with the resolved config and the
+    # input hashes, is named by a tag.
     tags = {**git_tags(cfg.root), **dvc, **score_tags(scores, cfg.tracking.promotion_metrics),
-            FINGERPRINT: eval_fingerprint(cfg, plan)}
-    result = register_model(cfg.path("trained_model"), cfg.tracking.registered_model, cfg.tracking.alias, tags)
-    # The full resolved config (presets applied), one artifact of the version's run instead of a tag per key.
+            FINGERPRINT: eval_fingerprint(cfg, plan), REGISTER_RUN_TAG: mlflow.active_run().info.run_id}
+    # The LoggedModel the evaluate stage scored: the agent as evaluated (weights, loop, tools, settings).
+    result = register_model(f"models:/{evaluated_model(cfg)['model_id']}", cfg.tracking.registered_model,
+                            cfg.tracking.alias, tags)
+    # The full resolved config (presets applied), one artifact of this run instead of a tag per key.
     mlflow.log_dict(cfg.model_dump(mode="json"), RESOLVED_CONFIG)
     if inputs:
         mlflow.log_dict(inputs, "dvc_inputs.json")

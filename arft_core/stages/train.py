@@ -24,17 +24,38 @@ def train_stage(cfg: Config) -> dict:
 
     from arft_core.tracking import log_metrics
 
+    cfg.path("train_checkpoints").mkdir(parents=True, exist_ok=True)  # a DVC dependency of evaluate, even if empty
     if cfg.train.launcher != "none":
         run = mlflow.active_run()
         launch_distributed(cfg, run.info.run_id if run else None)
         summary = json.loads(cfg.path("train_metrics").read_text())
     else:
         summary = train_here(cfg, lambda m, step: log_metrics(m, step=step))
-        write_json_atomic(cfg.path("train_metrics"), summary)
     mlflow.log_artifact(str(cfg.path("train_log")))
     if cfg.train.save_steps:  # where the resumable checkpoints are (too large to copy into the tracking store)
         mlflow.set_tag("train.checkpoints", str(cfg.path("train_checkpoints")))
-    return summary
+    # What the evaluate stage compares (each becomes a LoggedModel of this run there): train.json, its dependency.
+    summary["models"] = saved_models(cfg, summary["steps"])
+    run = mlflow.active_run()
+    summary["run_id"] = run.info.run_id if run else None
+    write_json_atomic(cfg.path("train_metrics"), summary)
+    return {k: v for k, v in summary.items() if k not in ("models", "run_id")}
+
+
+def saved_models(cfg: Config, grpo_steps: int) -> list[dict]:
+    """Every model one training saved, by training step: SFT checkpoints (train.sft.save_steps; SFT step s is step
+    s), GRPO checkpoints (train.save_steps; GRPO step g is step sft.max_steps + g) and the final model, phase
+    `final` (its own last checkpoint, the same weights, is not listed twice). Folders relative to the project."""
+    from arft_core.training import SFT_CHECKPOINTS, checkpoint_steps, grpo_step_offset
+
+    t, folder = cfg.train, cfg.path("train_checkpoints")
+    sft = grpo_step_offset(t)
+    found = [{"step": s, "phase": "sft", "folder": f} for s, f in checkpoint_steps(folder / SFT_CHECKPOINTS)
+             if t.sft.enabled and t.sft.save_steps]
+    found += [{"step": sft + s, "phase": "grpo", "folder": f} for s, f in checkpoint_steps(folder) if t.save_steps]
+    final = {"step": sft + grpo_steps, "phase": "final", "folder": cfg.path("trained_model")}
+    return [{**m, "folder": os.path.relpath(m["folder"], cfg.root)} for m in found if m["step"] < final["step"]] \
+        + [{**final, "folder": os.path.relpath(final["folder"], cfg.root)}]
 
 
 def train_here(cfg: Config, sink: Callable[[dict, int], None], **collaborators) -> dict:
