@@ -345,9 +345,9 @@ class SftConfig(Section):
 
     enabled: bool = Field(True, description="Run SFT before GRPO (on for the embedded model, which otherwise never "
                           "writes a valid tag).")
-    max_steps: int = Field(4, description="SFT optimizer steps (the embedded default keeps `make run` short: with "
-                           "the full 151k vocabulary an SFT step of 8 samples takes ~50 s on 2 CPU cores; "
-                           "bench/learning_check.py shows a longer cold start).", ge=1)
+    max_steps: int = Field(4, description="SFT optimizer steps (make run's embedded model: 180 at batch 4, "
+                           "about 0.8 s each on 2 CPU cores with its 4,096-token vocabulary; bench/learning_check.py "
+                           "shows a longer cold start).", ge=1)
     learning_rate: float = Field(1e-3, description="SFT learning rate.", gt=0)
     batch_size: int = Field(2, description="SFT samples per device per step.", ge=1)
     save_steps: int = Field(0, description="Save the model every N SFT steps into paths.train_checkpoints/sft "
@@ -530,6 +530,9 @@ class EvalConfig(Section):
     multihop_fanoutqa: bool | None = Field(
         None, description="Evaluate the FanOutQA dev set bundled with `fanoutqa` (310 questions) as the dataset "
         "`fanoutqa`: true: beside multihop_files; false: never; null: only when multihop_files is empty.")
+    teacher_forced: bool = Field(True, description="Also score MAT-Coding's held-out teacher steps teacher-forced "
+                                 "(token accuracy and NLL of each test item's problem, code and answer steps, "
+                                 "`mat-coding.teacher_forced.*`), for every evaluated model; HF back-end only.")
     multihop_limit: int | None = Field(16, description="First N questions of each multi-hop dataset (null: all of "
                                        "them, e.g. the full FanOutQA dev set).", ge=1)
     report_images_px: int = Field(320, description="Longest side of images inlined in the HTML report.", ge=32)

@@ -65,7 +65,7 @@ def eval_fingerprint(cfg: Config, plan: dict[str, list[BenchItem]]) -> str:
     import json
 
     digest = hashlib.sha256()
-    settings = {"eval": cfg.eval.model_dump(mode="json", exclude={"report_images_px", "checkpoints"}),
+    settings = {"eval": cfg.eval.model_dump(mode="json", exclude={"report_images_px", "checkpoints", "teacher_forced"}),
                 "agent": cfg.agent.model_dump(mode="json"),
                 "search": cfg.search.model_dump(mode="json", include={"backend", "top_k", "corpus_path"})}
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -170,6 +170,41 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
                 sections.append(render_section(bench, mode, scores, items, preds, cfg.eval.report_images_px))
                 predictions[f"{bench}.{mode}"] = [_portable(p) for p in preds]
     return results, predictions, render_report(results, sections)
+
+
+def teacher_forced(generator, cfg: Config) -> dict[str, float] | None:
+    """MAT-Coding's held-out teacher steps (each test item's problem, code and answer steps: what SFT trains on,
+    for items it never saw) scored teacher-forced by the back-end's model: the share of their tokens it predicts
+    (argmax, %) and their mean negative log-likelihood. A learning signal that does not need whole well-formed
+    generations. None for a back-end without an HF model (vLLM) or when eval.teacher_forced is off."""
+    import json
+
+    import torch
+
+    from arft_core.data.mat_coding import step_samples
+    from arft_core.training import load_image, step_prompt
+
+    model, processor = getattr(generator, "model", None), getattr(generator, "processor", None)
+    if not cfg.eval.teacher_forced or model is None or processor is None:
+        return None
+    folder = cfg.path("mat_coding")
+    rows = [r for item in json.loads((folder / "test.json").read_text()) for r in step_samples(item)]
+    right = total = 0
+    nll = 0.0
+    model.eval()
+    for row in rows:
+        prompt = processor.apply_chat_template(step_prompt("coding", row), tokenize=False, add_generation_prompt=True)
+        image = load_image(folder / row["image_path"], None)
+        full = processor(text=[prompt + row["solution"]], images=[image], return_tensors="pt").to(model.device)
+        start = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
+        with torch.no_grad():
+            logits = model(**full).logits[0, start - 1:-1].float()
+        target = full["input_ids"][0, start:]
+        right += int((logits.argmax(-1) == target).sum())
+        total += len(target)
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return {"n": len(rows), "token_accuracy": round(100 * right / max(total, 1), 2),
+            "nll": round(nll / max(total, 1), 4)}
 
 
 def generation_eval(cfg: Config) -> EvalConfig:

@@ -20,7 +20,8 @@ import arft_core  # noqa: F401,E402  (telemetry defaults for this process and th
 TINY_OVERRIDES = {
     "model": {"embedded": {"vocab_size": 2048}},
     "data": {"n_train": 8, "n_test": 4},
-    "train": {"max_steps": 1, "max_completion_length": 8, "num_generations": 2, "sft": {"max_steps": 2, "batch_size": 4}},
+    "train": {"max_steps": 1, "max_completion_length": 8, "num_generations": 2,
+              "sft": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 0}},
     "eval": {"max_new_tokens": 8, "multihop_limit": 2},
     "agent": {"max_turns": 2},
 }

@@ -17,15 +17,30 @@ def test_project_params_match_schema_defaults_but_the_marked_embedded_values():
     dumped, defaults = cfg.model_dump(), Config().model_dump()
     assert {"paper", "paper-coding", "paper-search"} <= set(dumped.pop("train_presets"))
     assert defaults.pop("train_presets") == {}
-    differ = {f"{s}.{k}" for s in dumped for k in dumped[s] if dumped[s][k] != defaults[s][k]}
-    marked, section = set(), None
+
+    def leaves(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("max_new_tokens",)
+                               else {f"{prefix}{k}": v}).items()}
+
+    mine, theirs = leaves(dumped), leaves(defaults)
+    differ = {k for k in mine if mine[k] != theirs.get(k)}
+    marked, stack = set(), []  # (indent, key) of the sections above the current line
     for line in (ROOT / "params.yaml").read_text().splitlines():
-        if line[:1].isalpha():
-            section = line.split(":")[0]
-        elif "[embedded]" in line and line.startswith("  ") and ":" in line.split("#")[0]:
-            marked.add(f"{section}.{line.split(':')[0].strip()}")
-    assert differ == marked == {"train.max_steps", "eval.max_new_tokens"}
-    assert (cfg.train.max_steps, cfg.eval.max_new_tokens) == (4, {"mat-coding": 32, "mat-search": 32, "multihop": 32})
+        body = line.split("#")[0]
+        if not body.strip() or ":" not in body or body.strip().startswith("-"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        stack = [(i, k) for i, k in stack if i < indent]
+        key = body.split(":")[0].strip()
+        if "[embedded]" in line:
+            marked.add(".".join([k for _, k in stack] + [key]))
+        if not body.split(":", 1)[1].strip():
+            stack.append((indent, key))
+    assert differ == marked == {"train.max_steps", "eval.max_new_tokens", "model.embedded.vocab_size",
+                                "train.sft.max_steps", "train.sft.learning_rate", "train.sft.batch_size",
+                                "train.sft.save_steps"}
+    assert (cfg.train.max_steps, cfg.eval.max_new_tokens) == (2, {"mat-coding": 64, "mat-search": 64, "multihop": 64})
     assert (Config().train.max_steps, Config().eval.max_new_tokens) == (
         None, {"mat-coding": 1024, "mat-search": 2048, "multihop": 2048})
     assert cfg.root == ROOT and cfg.source == ROOT / "params.yaml" and cfg.dvc_tracks_params

@@ -11,6 +11,7 @@ from arft_core.progress import progress_bar
 
 
 STEP_TAG, PHASE_TAG = "arft.step", "arft.phase"  # a LoggedModel's training step; sft, grpo or final
+SHOWN = (".f1", "token_accuracy")  # the columns printed and plotted per step (percentages)
 MODELS_FILE = "models.json"  # in paths.checkpoint_eval: the LoggedModel of each evaluated model
 
 
@@ -21,7 +22,8 @@ def evaluate_stage(cfg: Config) -> dict:
     linked to it and each item's trajectory as a trace; with eval.checkpoints all, every saved checkpoint too."""
     import mlflow
 
-    from arft_core.evaluation import eval_fingerprint, eval_generator, evaluate, generation_settings, load_benchmark
+    from arft_core.evaluation import (eval_fingerprint, eval_generator, evaluate, generation_settings, load_benchmark,
+                                      teacher_forced)
 
     # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
     # of one evaluation can be replayed and the search_data stage's cache is never modified behind DVC's back.
@@ -39,6 +41,7 @@ def evaluate_stage(cfg: Config) -> dict:
         model_id = new_logged_model(cfg, final) if final else None
         scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, generator=generator,
                                                plan=plan, tracer=_tracer(model_id))
+        teacher = teacher_forced(generator, cfg) if "mat-coding" in plan else None
     out = cfg.path("predictions")
     for name, rows in predictions.items():
         write_json_atomic(out / f"{name}.json", rows)
@@ -56,6 +59,9 @@ def evaluate_stage(cfg: Config) -> dict:
                 label = bench if row == "avg" else f"  {row}"
                 print(f"{label:<11} {mode:<7} F1 {s[row]['f1']:6.2f}  EM {s[row]['em']:6.2f}  "
                       f"no answer {s[row]['no_answer_rate']:6.2f}%  (n={s[row]['n']})")
+    if teacher:
+        print(f"mat-coding teacher-forced: token accuracy {teacher['token_accuracy']:.2f}%  NLL {teacher['nll']:.3f}  "
+              f"(n={teacher['n']} held-out teacher steps)")
     print(f"report: {cfg.path('eval_report')}")
     # The final model is one of them when another model was evaluated above (`arft eval --model`).
     checkpoints = [m for m in saved if m is not final] if cfg.eval.checkpoints == "all" else []
@@ -64,9 +70,9 @@ def evaluate_stage(cfg: Config) -> dict:
     logged: list[dict] = []  # {step, phase, model_id} of each LoggedModel, for the register stage
     rows = evaluate_checkpoints(cfg, plan, checkpoints, logged) if checkpoints else []
     # Last, at the largest step: the run's latest value of each metric is the final model's.
-    log_linked_metrics(scores, plan, cfg, final["step"] if final else None, model_id)
+    log_linked_metrics(scores, plan, cfg, final["step"] if final else None, model_id, teacher)
     if final:
-        rows.append({"step": final["step"], **_csv_row(flat)})
+        rows.append({"step": final["step"], **_csv_row(flat, teacher)})
         log_agent_model(cfg, final, model_id)
         logged.append({"step": final["step"], "phase": "final", "model_id": model_id})
     write_text_atomic(cfg.path("checkpoint_eval") / "checkpoints.csv", _csv(rows))  # the DVC plot file, always
@@ -132,15 +138,23 @@ def benchmark_dataset(name: str, items: list):
     return mlflow.data.from_pandas(frame, name=f"{name}-test")
 
 
-def log_linked_metrics(scores: dict, plan: dict, cfg: Config, step: int | None, model_id: str | None) -> None:
+def log_linked_metrics(scores: dict, plan: dict, cfg: Config, step: int | None, model_id: str | None,
+                       teacher: dict | None = None) -> None:
     """Metrics in the active run, each benchmark's linked to its dataset and, with `model_id`, to that
-    LoggedModel at `step` (the Models tab compares them side by side)."""
+    LoggedModel at `step` (the Models tab compares them side by side); `teacher`: the teacher-forced scores."""
     import mlflow
 
     for bench, modes in scores.items():
         flat = flat_scores({bench: modes})
+        if bench == "mat-coding" and teacher:
+            flat.update(teacher_metrics(teacher))
         dataset = benchmark_dataset(bench, plan[bench]) if model_id else None
         mlflow.log_metrics(flat, step=step, model_id=model_id, dataset=dataset)
+
+
+def teacher_metrics(teacher: dict | None) -> dict[str, float]:
+    """`evaluation.teacher_forced`'s scores as metrics: `mat-coding.teacher_forced.<token_accuracy|nll>`."""
+    return {f"mat-coding.teacher_forced.{k}": float(teacher[k]) for k in ("token_accuracy", "nll")} if teacher else {}
 
 
 def _tracer(model_id: str | None):
@@ -235,7 +249,7 @@ def evaluate_checkpoints(cfg: Config, plan: dict, checkpoints: list[dict], logge
     """Every saved training checkpoint ({step, phase, folder}) on the same evaluation: each a LoggedModel with its
     metrics (at its step) and traces linked to it; returns the CSV rows (step, then Avg F1/EM per benchmark and
     mode)."""
-    from arft_core.evaluation import evaluate
+    from arft_core.evaluation import eval_generator, evaluate, teacher_forced
 
     rows = []
     for model in checkpoints:
@@ -243,18 +257,22 @@ def evaluate_checkpoints(cfg: Config, plan: dict, checkpoints: list[dict], logge
         folder = cfg.root / model["folder"]
         with progress_bar(f"{model['phase']} checkpoint of step {model['step']}",
                           sum(map(len, plan.values())) * len(cfg.eval.modes)) as advance:
-            scores, _, _ = evaluate(folder, cfg, advance, plan=plan, tracer=_tracer(model_id))
-        log_linked_metrics(scores, plan, cfg, model["step"], model_id)
+            generator = eval_generator(folder, cfg)
+            scores, _, _ = evaluate(folder, cfg, advance, generator=generator, plan=plan, tracer=_tracer(model_id))
+            teacher = teacher_forced(generator, cfg) if "mat-coding" in plan else None
+        log_linked_metrics(scores, plan, cfg, model["step"], model_id, teacher)
         log_agent_model(cfg, model, model_id)
         logged.append({"step": model["step"], "phase": model["phase"], "model_id": model_id})
-        rows.append({"step": model["step"], **_csv_row(flat_scores(scores))})
+        rows.append({"step": model["step"], **_csv_row(flat_scores(scores), teacher)})
         print(f"step {model['step']} ({model['phase']}): " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
-                                                                       if k.endswith(".f1")))
+                                                                       if k.endswith(SHOWN)))
     return rows
 
 
-def _csv_row(flat: dict[str, float]) -> dict[str, float]:
-    return {k.replace(".avg", ""): v for k, v in flat.items() if k.endswith((".avg.f1", ".avg.em"))}
+def _csv_row(flat: dict[str, float], teacher: dict | None = None) -> dict[str, float]:
+    """checkpoints.csv's columns: Avg F1/EM and valid-action rate per benchmark and mode, teacher-forced scores."""
+    return {**{k.replace(".avg", ""): v for k, v in flat.items()
+               if k.endswith((".avg.f1", ".avg.em", ".avg.valid_action_rate"))}, **teacher_metrics(teacher)}
 
 
 def flat_scores(scores: dict) -> dict[str, float]:
@@ -278,9 +296,9 @@ def _plot_f1(rows: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rows]
-    for column in [c for c in rows[0] if c.endswith(".f1")]:
-        ax.plot(steps, [r[column] for r in rows], marker="o", label=column.removesuffix(".f1"))
-    ax.set(xlabel="training step", ylabel="F1 (%)", title="MAT F1 per checkpoint")
+    for column in [c for c in rows[0] if c.endswith(SHOWN)]:
+        ax.plot(steps, [r[column] for r in rows], marker="o", label=column)
+    ax.set(xlabel="training step", ylabel="%", title="MAT F1 and held-out teacher-step token accuracy per model")
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
