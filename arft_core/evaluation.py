@@ -182,7 +182,8 @@ def teacher_forced(generator, cfg: Config) -> dict[str, float] | None:
     import torch
 
     from arft_core.data.mat_coding import step_samples
-    from arft_core.training import load_image, step_prompt
+    from arft_core.io import load_image
+    from arft_core.protocol import step_prompt
 
     model, processor = getattr(generator, "model", None), getattr(generator, "processor", None)
     if not cfg.eval.teacher_forced or model is None or processor is None:

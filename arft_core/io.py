@@ -27,3 +27,12 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def load_manifest(data_dir: Path, split: str) -> list[dict]:
     return json.loads((data_dir / f"{split}.json").read_text())
+
+
+def load_image(path: Path, size: int | None):
+    """RGB image, resized to `size` x `size` without keeping the aspect ratio (the paper's 720x720), or as is."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return im.resize((size, size), Image.BICUBIC) if size else im

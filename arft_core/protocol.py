@@ -265,3 +265,9 @@ def force_crop_box(code: str, question: str, width: int, height: int) -> str:
         return code
     x0, y0, x1, y1 = box
     return _SLICE_2D.sub(f"[{y0}:{y1}, {x0}:{x1}]", code)
+
+
+def step_prompt(task: str, row: dict) -> list[dict]:
+    """The paper's step sample as one user message: image, then system prompt + query (+ the chain so far)."""
+    text = f"{system_prompt(task)}\n{row['problem']}" + (f"\n{row['context']}" if row.get("context") else "")
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]

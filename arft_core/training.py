@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from arft_core.config import ModelConfig, TrainConfig
-from arft_core.protocol import system_prompt
+from arft_core.io import load_image  # noqa: F401  (the step dataset's images; also imported from here)
+from arft_core.protocol import step_prompt  # noqa: F401  (likewise)
 
 MetricsSink = Callable[[dict[str, float], int], None]
 TRAIN_CONFIG_FILE = "arft_train_config.json"
@@ -32,21 +33,6 @@ def load_step_rows(data_dir: Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no step samples to train on")
     return rows
-
-
-def step_prompt(task: str, row: dict) -> list[dict]:
-    """The paper's step sample as one user message: image, then system prompt + query (+ the chain so far)."""
-    text = f"{system_prompt(task)}\n{row['problem']}" + (f"\n{row['context']}" if row.get("context") else "")
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-
-
-def load_image(path: Path, size: int | None):
-    """RGB image, resized to `size` x `size` without keeping the aspect ratio (the paper's 720x720), or as is."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return im.resize((size, size), Image.BICUBIC) if size else im
 
 
 def build_step_dataset(rows: list[dict], data_dir: Path, task: str, image_size: int | None):

@@ -25,14 +25,101 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shot(url: str, path: Path, size: str = "1600,1000", wait_ms: int = 20000) -> None:
+# Run in each page before its screenshot: close MLflow's assistant side panel and first-visit tips.
+TIDY_JS = """
+for (const b of document.querySelectorAll('button')) {
+  const id = b.getAttribute('data-component-id') || '';
+  if (id.includes('assistant') && id.includes('close') || b.textContent.trim() === 'Got it') b.click();
+}
+"""
+
+
+# The Models tab's chart view: the second option of its table/chart switch.
+CHART_VIEW_JS = """
+const g = document.querySelector('[data-component-id="mlflow.logged_model.list.view-mode"]');
+if (g) { const o = g.querySelectorAll('input, button'); if (o.length) o[o.length - 1].click(); }
+"""
+
+
+def shot(url: str, path: Path, width: int = 1600, height: int = 1000, wait_s: float = 10.0, script: str = "") -> None:
+    """A screenshot of `url` after it rendered, taken through Chromium's DevTools protocol so that the page can be
+    tidied first (TIDY_JS) and, with `script`, acted on (e.g. a view switched)."""
+    import base64
+    import json
+
+    from websockets.sync.client import connect
+
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("chromium not found: apt-get install chromium")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={size}", f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=120)
+    port = free_port()
+    proc = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                             f"--remote-debugging-port={port}", f"--window-size={width},{height}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(60):
+            try:
+                pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2))
+                page = next(p for p in pages if p["type"] == "page")
+                break
+            except (OSError, StopIteration):
+                time.sleep(0.5)
+        with connect(page["webSocketDebuggerUrl"], max_size=2**26) as ws:
+            counter = iter(range(1, 10**6))
+
+            def call(method: str, **params):
+                ident = next(counter)
+                ws.send(json.dumps({"id": ident, "method": method, "params": params}))
+                while True:
+                    msg = json.loads(ws.recv())
+                    if msg.get("id") == ident:
+                        return msg.get("result", {})
+
+            call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+            call("Page.navigate", url=url)
+            time.sleep(wait_s)
+            call("Runtime.evaluate", expression=TIDY_JS + script)
+            time.sleep(4 if script else 2)
+            data = call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
     print(f"{path}: {url}")
+
+
+class TeacherReplay:
+    """A scripted back-end: each MAT-Coding test item's own teacher steps (problem, code, answer), turn by turn."""
+
+    def __init__(self, items: list[dict]):
+        from arft_core.data.mat_coding import step_samples
+
+        self.steps = {str(i["id"]): [r["solution"] for r in step_samples(i)] for i in items}
+
+    def generate(self, prompts):
+        return [self.steps[str(p.item_id)][min(p.turn, len(self.steps[str(p.item_id)])) - 1] for p in prompts]
+
+
+def teacher_replay_traces(cfg, n: int) -> list[str]:
+    """n MAT-Coding test items run through the real agent loop (the sandbox runs the teacher's code) with their
+    teacher steps as the model's turns, traced like an evaluation in a run `teacher-replay (docs)`: traces with
+    TOOL spans to show, when the embedded model itself calls no tool."""
+    import json
+
+    import mlflow
+
+    from arft_core.evaluation import evaluate, load_benchmark
+    from arft_core.traces import log_eval_traces
+
+    manifest = json.loads((cfg.path("mat_coding") / "test.json").read_text())[:n]
+    items = load_benchmark("mat-coding", cfg)[:n]
+    sub = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": ["mat-coding"], "modes": ["agent"]})})
+    ids: list[str] = []
+    with mlflow.start_run(run_name="teacher-replay (docs)", tags={"arft.stage": "docs"}) as run:
+        evaluate(None, sub, generator=TeacherReplay(manifest), plan={"mat-coding": items},
+                 tracer=lambda b, m, its, preds: ids.extend(log_eval_traces(its, preds, b, m,
+                                                                            run_id=run.info.run_id)))
+    return ids
 
 
 def main() -> None:
@@ -40,6 +127,8 @@ def main() -> None:
     parser.add_argument("--params", default=None)
     parser.add_argument("--out", default="docs/images")
     parser.add_argument("--trace-id", default=None, help="trace to show (default: one with a TOOL span)")
+    parser.add_argument("--teacher-replay", type=int, default=0, help="first trace N MAT-Coding test items replayed "
+                        "from their teacher steps (real sandbox), for a trace with tool spans")
     args = parser.parse_args()
 
     import mlflow
@@ -51,6 +140,10 @@ def main() -> None:
     uri = configure(cfg)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     trace_id = args.trace_id
+    if args.teacher_replay:
+        replayed = teacher_replay_traces(cfg, args.teacher_replay)
+        trace_id = trace_id or next(t for t in replayed if any(
+            s.span_type == "TOOL" for s in mlflow.get_trace(t).data.spans))
     if trace_id is None:
         traces = mlflow.search_traces(locations=[exp.experiment_id], return_type="list", max_results=500,
                                       filter_string="tags.`arft.mode` = 'agent'")
@@ -73,9 +166,11 @@ def main() -> None:
             except OSError:
                 time.sleep(1)
         eid = exp.experiment_id
-        shot(f"{base}/#/experiments/{eid}/models", out / "mlflow_models_tab.png")
-        shot(f"{base}/#/experiments/{eid}/traces?selectedEvaluationId={trace_id}", out / "mlflow_trace.png")
-        shot(f"{base}/#/models/{version.name}/versions/{version.version}", out / "mlflow_model_version.png")
+        shot(f"{base}/#/experiments/{eid}/models?workflowType=machine_learning", out / "mlflow_models_tab.png", width=2400, height=700)
+        shot(f"{base}/#/experiments/{eid}/models?workflowType=machine_learning", out / "mlflow_models_charts.png",
+             width=1600, height=1100, script=CHART_VIEW_JS)
+        shot(f"{base}/#/experiments/{eid}/traces?workflowType=machine_learning&selectedEvaluationId={trace_id}", out / "mlflow_trace.png")
+        shot(f"{base}/#/models/{version.name}/versions/{version.version}?workflowType=machine_learning", out / "mlflow_model_version.png")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

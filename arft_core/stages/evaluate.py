@@ -12,6 +12,7 @@ from arft_core.progress import progress_bar
 
 STEP_TAG, PHASE_TAG = "arft.step", "arft.phase"  # a LoggedModel's training step; sft, grpo or final
 SHOWN = (".f1", "token_accuracy")  # the columns printed and plotted per step (percentages)
+COMPARED = ("f1", "em", "no_answer_rate", "valid_action_rate")  # the Avg metrics linked to each LoggedModel
 MODELS_FILE = "models.json"  # in paths.checkpoint_eval: the LoggedModel of each evaluated model
 
 
@@ -140,16 +141,19 @@ def benchmark_dataset(name: str, items: list):
 
 def log_linked_metrics(scores: dict, plan: dict, cfg: Config, step: int | None, model_id: str | None,
                        teacher: dict | None = None) -> None:
-    """Metrics in the active run, each benchmark's linked to its dataset and, with `model_id`, to that
-    LoggedModel at `step` (the Models tab compares them side by side); `teacher`: the teacher-forced scores."""
+    """Every metric in the active run at `step`; with `model_id`, the comparison's (each benchmark and mode's Avg
+    F1, EM, no-answer and valid-action rates, the teacher-forced scores) also linked to that LoggedModel and to
+    the benchmark's dataset: the Models tab shows them side by side. `teacher`: the teacher-forced scores."""
     import mlflow
 
     for bench, modes in scores.items():
-        flat = flat_scores({bench: modes})
-        if bench == "mat-coding" and teacher:
-            flat.update(teacher_metrics(teacher))
-        dataset = benchmark_dataset(bench, plan[bench]) if model_id else None
-        mlflow.log_metrics(flat, step=step, model_id=model_id, dataset=dataset)
+        # The teacher-forced scores first: the Models tab orders its columns as the metrics come.
+        flat = {**(teacher_metrics(teacher) if bench == "mat-coding" else {}), **flat_scores({bench: modes})}
+        linked = {k: v for k, v in flat.items() if model_id and (k.split(".")[1] == "teacher_forced" or (
+            k.split(".")[2] == "avg" and k.split(".")[-1] in COMPARED))}
+        if linked:
+            mlflow.log_metrics(linked, step=step, model_id=model_id, dataset=benchmark_dataset(bench, plan[bench]))
+        mlflow.log_metrics({k: v for k, v in flat.items() if k not in linked}, step=step)
 
 
 def teacher_metrics(teacher: dict | None) -> dict[str, float]:
