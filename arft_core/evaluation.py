@@ -131,7 +131,8 @@ def _by_dataset(scores: dict, splits: list[str | None]) -> dict:
         return scores
     per = [scores[n] for n in names]
     mean = {"n": sum(d["n"] for d in per),
-            **{m: round(sum(d[m] for d in per) / len(per), 2) for m in ("f1", "em", "squad_f1", "no_answer_rate")}}
+            **{m: round(sum(d[m] for d in per) / len(per), 2) for m in ("f1", "em", "squad_f1", "no_answer_rate",
+                                                                         "valid_action_rate") if m in per[0]}}
     return {"avg": mean, **{n: scores[n] for n in names}}
 
 

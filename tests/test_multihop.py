@@ -81,8 +81,11 @@ def test_two_flashrag_files_in_one_run_each_with_its_own_metrics(project: Path):
     assert direct["beta"] == {"n": 4, "f1": 50.0, "em": 25.0, "squad_f1": 50.0, "no_answer_rate": 0.0}
     # avg: the datasets' mean, as Table 2's Avg column (pooled over the 6 items F1 would be 58.33)
     assert direct["avg"] == {"n": 6, "f1": 62.5, "em": 37.5, "squad_f1": 62.5, "no_answer_rate": 0.0}
-    assert agent["beta"] == {"n": 4, "f1": 50.0, "em": 25.0, "squad_f1": 50.0, "no_answer_rate": 25.0}
-    assert agent["avg"] == {"n": 6, "f1": 62.5, "em": 37.5, "squad_f1": 62.5, "no_answer_rate": 12.5}
+    # agent mode also scores the share of well-formed actions (beta's unanswered item wrote none in its turns)
+    assert agent["beta"] == {"n": 4, "f1": 50.0, "em": 25.0, "squad_f1": 50.0, "no_answer_rate": 25.0,
+                             "valid_action_rate": 75.0}
+    assert agent["avg"] == {"n": 6, "f1": 62.5, "em": 37.5, "squad_f1": 62.5, "no_answer_rate": 12.5,
+                            "valid_action_rate": 87.5}
     assert agent["end"] == {"answer": 5, "turns": 1}
 
     rows = predictions["multihop.agent"]
