@@ -5,7 +5,9 @@ evaluation's agent loop with its tools), registered, tagged and aliased; and the
     register_model(info.model_uri, "arft-agent", "candidate", tags)
     mlflow.pyfunc.load_model("models:/arft-agent@candidate").predict(df, params={...})
 
-docs/serving.md describes the served model: its signature, parameters, outputs and what serving needs.
+The pipeline logs the agent into each evaluated model's LoggedModel (stages/evaluate.py) and registers the final one
+(stages/release.py). docs/serving.md describes the served model: its signature, parameters, outputs and what
+serving needs.
 """
 
 from __future__ import annotations
