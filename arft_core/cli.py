@@ -149,6 +149,8 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     experiment = _experiment_id(uri, cfg.tracking.experiment)
     console.print(f"  then open:         http://127.0.0.1:5000/#/experiments/{experiment}"
                   "?workflowType=machine_learning", highlight=False)
+    console.print(f"  checkpoints:       http://127.0.0.1:5000/#/experiments/{experiment}/models"
+                  "?workflowType=machine_learning  (the Models tab)", highlight=False)
     for name in ("validation_report", "eval_metrics", "eval_report", "predictions", "registration", "promotion"):
         console.print(f"{name + ':':<20} {cfg.path(name)}", highlight=False)
 

@@ -53,6 +53,7 @@ def test_pipeline_runs_every_stage_and_says_where_to_look(pipeline_project):
     assert stages_run(output) == STAGES
     assert f"mlflow ui --backend-store-uri sqlite:///{project}/tracking/mlflow.db" in output
     assert "/#/experiments/1?workflowType=machine_learning" in output  # the model-training view of the experiment
+    assert "/#/experiments/1/models?workflowType=machine_learning" in output  # its Models tab: the checkpoints
     assert str(project / "reports" / "eval.json") in output
     scores = json.loads((project / "reports" / "eval.json").read_text())
     assert set(scores) == {"mat-coding", "mat-search", "multihop"}
