@@ -176,8 +176,9 @@ def make_generator(model_dir: Path, cfg: EvalConfig, dtype: str = "float32",
     """vLLM when asked for (or `auto` and installed with a GPU), else Hugging Face. The pixel bounds
     (model.min_pixels / max_pixels) replace the checkpoint processor's; `stop_sequences=()`: no stop strings."""
     if cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available()):
-        return VLLMGenerator(model_dir, cfg, "bfloat16" if dtype == "float32" else dtype, stop_sequences,
-                             min_pixels=min_pixels, max_pixels=max_pixels)
+        # The model's own dtype (model.dtype), as the HF back-end: a float32 model run in bf16 would not give the
+        # same greedy tokens (a tie broken differently ends the equality a few dozen tokens in).
+        return VLLMGenerator(model_dir, cfg, dtype, stop_sequences, min_pixels=min_pixels, max_pixels=max_pixels)
     from arft_core.model.embedded import load_model
 
     model, processor = load_model(model_dir, dtype, min_pixels, max_pixels)
