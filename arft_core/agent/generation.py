@@ -122,15 +122,20 @@ class VLLMGenerator:
     def __init__(self, model_dir: Path, cfg: EvalConfig, dtype: str = "bfloat16",
                  stop_sequences: Sequence[str] = STOP_SEQUENCES, max_new_tokens: int | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None):
+        import tempfile
+
         from vllm import LLM
 
         from arft_core.model.embedded import resolve_model_dir
+        from arft_core.model.processor import vllm_model_folder
 
         self.cfg, self.stop_sequences = cfg, tuple(stop_sequences)
+        self._folder = tempfile.TemporaryDirectory(prefix="arft-vllm-")  # the vLLM view of an embedded model
         self.decoding = resolve_decoding(cfg, folder_generation_config(model_dir))
         self.max_new_tokens = max_new_tokens or max(cfg.max_new_tokens.values())
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-        self.llm = LLM(model=str(resolve_model_dir(model_dir)), dtype=dtype, seed=cfg.seed,
+        folder = vllm_model_folder(resolve_model_dir(model_dir), Path(self._folder.name))
+        self.llm = LLM(model=str(folder), dtype=dtype, seed=cfg.seed,
                        limit_mm_per_prompt={"image": 8}, mm_processor_kwargs=pixels or None)
 
     def _params(self):

@@ -63,3 +63,33 @@ def pixel_budget(processor) -> tuple[int, int]:
     size = processor.image_processor.size
     get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
     return get("shortest_edge"), get("longest_edge")
+
+
+VLLM_PROCESSOR_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
+                       "merge_size", "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size")
+
+
+def vllm_model_folder(model_dir: Path, dest: Path) -> Path:
+    """`model_dir` as vLLM loads it: vLLM builds the stock `Qwen2_5_VLProcessor`, video processor included, so a
+    folder saved with `ImageOnlyQwenProcessor` gets a stock `processor_config.json` and a
+    `video_preprocessor_config.json` (the image settings). The files are linked into `dest`, the original folder
+    stays as it is (its processor still loads without torchvision). A folder with the stock files is returned
+    as is."""
+    import json
+    import os
+
+    config = json.loads((model_dir / "processor_config.json").read_text()) \
+        if (model_dir / "processor_config.json").is_file() else {}
+    if config.get("processor_class") != ImageOnlyQwenProcessor.__name__:
+        return model_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "processor_config.json" and not (dest / f.name).exists():
+            os.symlink(f.resolve(), dest / f.name)
+    image = config["image_processor"]
+    video = {k: image[k] for k in VLLM_PROCESSOR_KEYS if k in image}
+    (dest / "processor_config.json").write_text(json.dumps({**config, "processor_class": "Qwen2_5_VLProcessor"},
+                                                           indent=2))
+    (dest / "video_preprocessor_config.json").write_text(json.dumps(
+        {**video, "video_processor_type": "Qwen2VLVideoProcessor"}, indent=2))
+    return dest
