@@ -32,7 +32,8 @@ def evaluate_stage(cfg: Config) -> dict:
     plan = {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
     fingerprint = eval_fingerprint(cfg, plan)
     mlflow.set_tag("eval.fingerprint", fingerprint)
-    saved = training_record(cfg).get("models", [])
+    record = training_record(cfg)
+    saved = [{**m, "run_id": record.get("run_id")} for m in record.get("models", [])]  # each a model of that run
     final = saved[-1] if saved and cfg.path("trained_model") == (cfg.root / saved[-1]["folder"]).resolve() else None
     total = sum(map(len, plan.values())) * len(cfg.eval.modes)
     with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
@@ -71,11 +72,10 @@ def evaluate_stage(cfg: Config) -> dict:
     logged: list[dict] = []  # {step, phase, model_id} of each LoggedModel, for the register stage
     rows = evaluate_checkpoints(cfg, plan, checkpoints, logged) if checkpoints else []
     # Last, at the largest step: the run's latest value of each metric is the final model's.
-    log_linked_metrics(scores, plan, cfg, final["step"] if final else None, model_id, teacher)
     if final:
-        rows.append({"step": final["step"], **_csv_row(flat, teacher)})
-        log_agent_model(cfg, final, model_id)
-        logged.append({"step": final["step"], "phase": "final", "model_id": model_id})
+        record_model(cfg, plan, final, model_id, scores, teacher, logged, rows)
+    else:  # another model than the training's (`arft eval --model`): its metrics in the run only
+        log_linked_metrics(scores, plan, cfg, None, None, teacher)
     write_text_atomic(cfg.path("checkpoint_eval") / "checkpoints.csv", _csv(rows))  # the DVC plot file, always
     write_json_atomic(cfg.path("checkpoint_eval") / MODELS_FILE, logged)
     if len(rows) > 1:
@@ -113,10 +113,20 @@ def new_logged_model(cfg: Config, model: dict) -> str:
     from arft_core.tracking import flatten
 
     params = flatten(cfg.model_dump(mode="json")["train"], "train.")
-    logged = mlflow.initialize_logged_model(name=f"checkpoint-{model['step']}", source_run_id=training_record(cfg).get("run_id"),
+    logged = mlflow.initialize_logged_model(name=f"checkpoint-{model['step']}", source_run_id=model["run_id"],
                                             params=params, tags={STEP_TAG: str(model["step"]),
                                                                  PHASE_TAG: model["phase"]})
     return logged.model_id
+
+
+def record_model(cfg: Config, plan: dict, model: dict, model_id: str, scores: dict, teacher: dict | None,
+                 logged: list[dict], rows: list[dict]) -> None:
+    """After a saved model's evaluation: its metrics linked to its LoggedModel at its step, the agent logged into
+    it, and its entries in models.json (`logged`) and checkpoints.csv (`rows`)."""
+    log_linked_metrics(scores, plan, cfg, model["step"], model_id, teacher)
+    log_agent_model(cfg, model, model_id)
+    logged.append({"step": model["step"], "phase": model["phase"], "model_id": model_id})
+    rows.append({"step": model["step"], **_csv_row(flat_scores(scores), teacher)})
 
 
 def log_agent_model(cfg: Config, model: dict, model_id: str) -> None:
@@ -125,8 +135,7 @@ def log_agent_model(cfg: Config, model: dict, model_id: str) -> None:
     from arft_core.registry import log_agent
 
     # An output of the train run, so MLflow links the train run's metrics at this step (its loss, reward) to it.
-    log_agent(cfg.root / model["folder"], cfg, step=model["step"], model_id=model_id,
-              run_id=training_record(cfg).get("run_id"))
+    log_agent(cfg.root / model["folder"], cfg, step=model["step"], model_id=model_id, run_id=model["run_id"])
 
 
 def benchmark_dataset(name: str, items: list):
@@ -264,10 +273,7 @@ def evaluate_checkpoints(cfg: Config, plan: dict, checkpoints: list[dict], logge
             generator = eval_generator(folder, cfg)
             scores, _, _ = evaluate(folder, cfg, advance, generator=generator, plan=plan, tracer=_tracer(model_id))
             teacher = teacher_forced(generator, cfg) if "mat-coding" in plan else None
-        log_linked_metrics(scores, plan, cfg, model["step"], model_id, teacher)
-        log_agent_model(cfg, model, model_id)
-        logged.append({"step": model["step"], "phase": model["phase"], "model_id": model_id})
-        rows.append({"step": model["step"], **_csv_row(flat_scores(scores), teacher)})
+        record_model(cfg, plan, model, model_id, scores, teacher, logged, rows)
         print(f"step {model['step']} ({model['phase']}): " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
                                                                        if k.endswith(SHOWN)))
     return rows
