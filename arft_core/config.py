@@ -116,9 +116,10 @@ class EmbeddedModelConfig(Section):
     hidden_size: int = Field(64, description="Text hidden size (also the vision projector's output size).", ge=8)
     intermediate_size: int = Field(128, description="Text MLP size.", ge=8)
     num_hidden_layers: int = Field(2, description="Text decoder layers.", ge=1)
-    num_attention_heads: int = Field(4, description="Text attention heads.", ge=1)
-    num_key_value_heads: int = Field(2, description="Text KV heads (grouped-query attention).", ge=1)
-    mrope_section: list[int] = Field([2, 3, 3], description="Multimodal RoPE sections; must sum to head_dim/2.")
+    num_attention_heads: int = Field(2, description="Text attention heads. The default's head size, 32, is the "
+                                     "smallest vLLM's CPU attention supports (32, 64, 80, 96, 112, 128+).", ge=1)
+    num_key_value_heads: int = Field(1, description="Text KV heads (grouped-query attention).", ge=1)
+    mrope_section: list[int] = Field([4, 6, 6], description="Multimodal RoPE sections; must sum to head_dim/2.")
     vision_depth: int = Field(2, description="Vision transformer blocks.", ge=1)
     vision_hidden_size: int = Field(32, description="Vision hidden size.", ge=8)
     vision_intermediate_size: int = Field(64, description="Vision MLP size.", ge=8)
@@ -499,8 +500,6 @@ class EvalConfig(Section):
     modes: list[Literal["agent", "direct"]] = Field(
         ["agent", "direct"], description="agent: the tool loop; direct: the paper's direct-answer baseline.",
         min_length=1)
-    backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="Generation back-end; auto uses vLLM when it is installed and a GPU is present.")
     max_new_tokens: dict[BenchmarkName, int] = Field(
         dict(PAPER_MAX_NEW_TOKENS), description="Max tokens generated per model call, per benchmark (the paper's "
         "scripts: 1024 mat-coding, 2048 mat-search and multihop). One number sets every benchmark; a mapping may "
@@ -593,6 +592,24 @@ class EvalConfig(Section):
         return self
 
 
+class RolloutConfig(Section):
+    """The engine that generates with the policy: GRPO rollouts (step and agentic) and every evaluation."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM where it is installed and can run the model (on CPU: a head size its CPU "
+        "attention supports), else Hugging Face `generate`; hf; vllm (an error names what is missing).")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="Training with vLLM: colocate (an engine inside each training process, weights "
+        "synced after each update) or server (`trl vllm-serve` on GPUs of their own; docs/architecture.md).")
+    vllm_server_base_url: str | None = Field(
+        None, description="vllm_mode server: the server's URL (e.g. http://gpu-node:8000); null: localhost:8000.")
+    gpu_memory_utilization: float = Field(
+        0.3, description="Share of GPU memory a colocated engine may take (weights + KV cache); training keeps the "
+        "rest. Evaluation alone uses 0.9.", gt=0, le=1)
+    cpu_kvcache_gb: int = Field(1, description="vLLM's KV cache on CPU, GiB (VLLM_CPU_KVCACHE_SPACE, unless the "
+                                "environment sets it).", ge=1)
+
+
 class SandboxConfig(Section):
     """The code tool's sandbox: bubblewrap namespaces + unprivileged uid + rlimits + seccomp, warm fork-servers."""
 
@@ -678,6 +695,7 @@ class Config(Section):
         "`paper-search` (each run as one switch), the one place those values are written.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="The agent loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation engine (HF or vLLM).")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Search tool and cache.")
     search_data: SearchDataConfig = Field(default_factory=SearchDataConfig, description="MAT-Search import.")

@@ -216,22 +216,23 @@ def generation_eval(cfg: Config) -> EvalConfig:
 
 
 def eval_generator(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None):
-    """The evaluation's model back-end on `model_dir`: eval's back-end and decoding, the protocol's stop strings
+    """The evaluation's model back-end on `model_dir`: rollout's engine, eval's decoding, the protocol's stop strings
     (none under `paper`), the processor's pixel budget from model.min_pixels / max_pixels whatever the
     checkpoint's own."""
     from arft_core.agent.generation import make_generator
     from arft_core.protocol import stop_sequences
 
-    return make_generator(model_dir, generation_eval(cfg), cfg.model.dtype, progress,
+    return make_generator(model_dir, generation_eval(cfg), cfg.rollout, cfg.model.dtype, progress,
                           stop_sequences=stop_sequences(cfg.agent.protocol), min_pixels=cfg.model.min_pixels,
                           max_pixels=cfg.model.max_pixels)
 
 
 def generation_settings(generator, cfg: Config) -> dict[str, Any]:
     """What the back-end generated with, flat (MLflow params of the evaluation): the resolved decoding (under
-    `eval.decoding: checkpoint`, the checkpoint's values), max new tokens per benchmark, stop strings, and the
-    processor's pixel bounds (HF back-end)."""
-    out: dict[str, Any] = {"generation.source": generation_eval(cfg).decoding}
+    `eval.decoding: checkpoint`, the checkpoint's values), max new tokens per benchmark, stop strings, the engine, and
+    the processor's pixel bounds (HF back-end)."""
+    out: dict[str, Any] = {"generation.source": generation_eval(cfg).decoding,
+                           "generation.engine": "vllm" if hasattr(generator, "llm") else "hf"}
     out.update({f"generation.{k}": v for k, v in (getattr(generator, "decoding", None) or {}).items()})
     out.update({f"generation.max_new_tokens.{b}": n for b, n in cfg.eval.max_new_tokens.items()})
     if hasattr(generator, "stop_sequences"):

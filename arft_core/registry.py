@@ -63,7 +63,9 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         # The search paths (corpus, index) are relative to the shipped `search` artifact, or absolute.
         self._shipped = Path(context.artifacts["search"]) if "search" in context.artifacts else None
         search = {**settings["search"], "mode": os.environ.get(ENV_SEARCH_MODE) or settings["search"]["mode"]}
+        # `rollout`: the engine setting as logged (auto: whatever this serving environment runs).
         self.cfg = Config.from_dict({"model": settings["model"], "eval": settings["eval"],
+                                     "rollout": settings.get("rollout", {}),
                                      "agent": settings["agent"], "sandbox": settings["sandbox"],
                                      "search": search, "train": {"mode": settings["train_mode"]}},
                                     root=self._shipped or Path(context.artifacts["model"]))  # see _search_backend
@@ -248,13 +250,14 @@ def model_files(model_dir: Path) -> list[Path]:
 
 def serving_settings(cfg: Config) -> dict:
     """What the agent loop needs at serving time (serving.json): the agent section resolved for train.mode, the
-    evaluation's generation settings (`generation_eval`), the model's dtype and pixel budget, the sandbox and
+    evaluation's generation settings (`generation_eval`) and engine, the model's dtype and pixel budget, the sandbox and
     search sections (key names only: keys come from the environment)."""
     from arft_core.evaluation import generation_eval
 
     return {"format": SETTINGS_FORMAT, "train_mode": cfg.train.mode,
             "agent": cfg.agent.for_training_mode(cfg.train.mode).model_dump(mode="json"),
             "eval": generation_eval(cfg).model_dump(mode="json"),
+            "rollout": cfg.rollout.model_dump(mode="json"),
             "model": cfg.model.model_dump(mode="json", include={"dtype", "min_pixels", "max_pixels"}),
             "sandbox": cfg.sandbox.model_dump(mode="json"),
             "search": cfg.search.model_dump(mode="json")}

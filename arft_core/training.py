@@ -15,7 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from arft_core.config import ModelConfig, TrainConfig
+from contextlib import nullcontext
+
+from arft_core.agent.engine import trl_engine, use_vllm
+from arft_core.config import ModelConfig, RolloutConfig, TrainConfig
 from arft_core.io import load_image  # noqa: F401  (the step dataset's images; also imported from here)
 from arft_core.protocol import step_prompt  # noqa: F401  (likewise)
 
@@ -346,7 +349,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
           code_runner: Callable | None = None, checkpoint_dir: Path | None = None,
           callbacks: list | None = None, tools=None, agent_cfg=None,
           forced_first_turn: Callable[[int], str | None] | None = None,
-          artifact_sink: Callable[[str, str], None] | None = None) -> dict:
+          artifact_sink: Callable[[str, str], None] | None = None, rollout: RolloutConfig | None = None) -> dict:
     """SFT cold start (if enabled), then GRPO on the step samples in `data_dir`; save the model and processor to
     `out_dir` (LoRA adapters merged); return final metrics.
 
@@ -358,6 +361,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     `cfg.mode == "agentic"` trains on whole trajectories instead (`AgenticGRPOTrainer`): `tools` (sandbox, search)
     and `agent_cfg` drive the agent loop, rewards default to the trajectory's format and final-answer F1; the SFT
     cold start still uses the teacher step samples.
+
+    `rollout` chooses the engine that generates the rollouts (HF `generate`, or vLLM through TRL's support with
+    `agent.engine`'s fixes, weights synced after each update).
     """
     import torch
     from trl import GRPOConfig, GRPOTrainer
@@ -409,8 +415,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
                                           checkpoints=sft_checkpoints))
             state.wait_for_everyone()
             model, _ = _load_policy(sft_dir, model_cfg.dtype)
+            start = sft_dir
         processor.tokenizer.padding_side = "left"
         checkpoints = cfg.save_steps and checkpoint_dir is not None
+        rollout = rollout or RolloutConfig()
+        vllm = use_vllm(rollout, start)  # the engine loads the policy's folder
         args = GRPOConfig(
             output_dir=str(checkpoint_dir) if checkpoints else str(scratch / "grpo"), seed=cfg.seed,
             # max_steps -1: TRL/HF count num_train_epochs instead (the paper's recipes are in epochs).
@@ -426,17 +435,21 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             use_cpu=not torch.cuda.is_available(), bf16=model_cfg.dtype == "bfloat16", disable_tqdm=False,
             # Fixed, not a setting: ZeRO-3 generation needs the gathered weights (False fails in TRL's loss).
             ds3_gather_for_generation=True,
+            use_vllm=vllm, vllm_mode=rollout.vllm_mode, vllm_server_base_url=rollout.vllm_server_base_url,
+            vllm_gpu_memory_utilization=rollout.gpu_memory_utilization,
         )
         common = dict(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl_dataset,
                       processing_class=processor, callbacks=[_metrics_callback(sink, offset=grpo_step_offset(cfg)), *(callbacks or []),
                                                              *([_stop_at(cfg.checkpoint_step)] if cfg.checkpoint_step
                                                                else [])],
                       peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
-        if agentic:
-            trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn,
-                                       artifact_sink if state.is_main_process else None)
-        else:
-            trainer = GRPOTrainer(**common)
+        with trl_engine(rollout, cfg.seed) if vllm else nullcontext():
+            if agentic:
+                trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn,
+                                           artifact_sink if state.is_main_process else None)
+            else:
+                trainer = GRPOTrainer(**common)
+        summary["rollout_engine"] = "vllm" if vllm else "hf"
         _check_deepspeed_save(trainer, lora=cfg.lora.enabled)
         # DeepSpeed's own checkpoint restores the weights (by position, in `train`); the plain Trainer's
         # resume would skip them (see _restore_weights).

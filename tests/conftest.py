@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "reference"
 
 import arft_core  # noqa: F401,E402  (telemetry defaults for this process and the subprocesses it starts)
+
+# tests/in_vllm_env runs in the vLLM environment (tests/test_vllm_env.py starts it there); here only where vLLM is installed.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["in_vllm_env"]
 
 # Small enough that the whole chain runs in seconds per stage, large enough to exercise every code path.
 TINY_OVERRIDES = {

@@ -39,7 +39,7 @@ def test_same_seed_same_weights():
 
 def test_bad_mrope_sections_are_explained():
     cfg = ModelConfig(embedded={"vocab_size": 1024, "mrope_section": [2, 2, 2]})
-    with pytest.raises(ValueError, match="mrope_section must sum to head_dim/2 = 8"):
+    with pytest.raises(ValueError, match="mrope_section must sum to head_dim/2 = 16"):
         build_embedded_model(cfg)
 
 

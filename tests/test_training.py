@@ -68,12 +68,12 @@ def test_paper_rewards_give_zero_advantage_to_a_tagless_policy(tiny, tmp_path):
 
 def test_sft_cold_start_teaches_the_tags_then_grpo_runs(tiny, tmp_path):
     cfg = TrainConfig(max_steps=1, num_generations=2, max_completion_length=24, reward_weights=[1.0],
-                      sft={"max_steps": 30, "learning_rate": 1e-2, "batch_size": 6})
+                      sft={"max_steps": 60, "learning_rate": 1e-2, "batch_size": 6})
     logged = []
     summary = train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
                     sink=lambda m, s: logged.append(m), reward_funcs=[length_reward])
     sft_losses = [m["sft/loss"] for m in logged if "sft/loss" in m]
-    assert summary["sft_steps"] == 30 and sft_losses[-1] < sft_losses[0] / 2, sft_losses
+    assert summary["sft_steps"] == 60 and sft_losses[-1] < sft_losses[0] / 2, sft_losses
     from PIL import Image
 
     row = next(r for r in load_step_rows(tiny / "data") if r["type"] == "pre_problem")

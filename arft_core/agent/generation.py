@@ -1,4 +1,4 @@
-"""Model back-ends for the agent loop: Hugging Face `generate` (default) and vLLM (used when installed).
+"""Model back-ends for the agent loop: Hugging Face `generate` and vLLM, as `rollout.engine` chooses.
 
 Both batch many prompts per call and stop right after a closing action tag (`protocol.STOP_SEQUENCES`;
 `stop_sequences=()` turns that off: the paper's harness has none). Their decoding is resolved once, in the open
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from arft_core.agent.rollout import Prompt
-from arft_core.config import EvalConfig
+from arft_core.config import EvalConfig, RolloutConfig
 from arft_core.protocol import STOP_SEQUENCES
 
 
@@ -54,16 +54,6 @@ def folder_generation_config(model_dir: Path):
 
     path = resolve_model_dir(model_dir)
     return GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else GenerationConfig()
-
-
-def vllm_available() -> bool:
-    from importlib.util import find_spec
-
-    if find_spec("vllm") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class HFGenerator:
@@ -119,24 +109,20 @@ class HFGenerator:
 class VLLMGenerator:
     """vLLM back-end: one `LLM.chat` call per batch of prompts, stopping after a closing action tag."""
 
-    def __init__(self, model_dir: Path, cfg: EvalConfig, dtype: str = "bfloat16",
+    def __init__(self, model_dir: Path, cfg: EvalConfig, rollout: RolloutConfig, dtype: str,
                  stop_sequences: Sequence[str] = STOP_SEQUENCES, max_new_tokens: int | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None):
         import tempfile
 
-        from vllm import LLM
-
-        from arft_core.model.embedded import resolve_model_dir
-        from arft_core.model.processor import vllm_model_folder
+        from arft_core.agent.engine import build_llm
 
         self.cfg, self.stop_sequences = cfg, tuple(stop_sequences)
         self._folder = tempfile.TemporaryDirectory(prefix="arft-vllm-")  # the vLLM view of an embedded model
         self.decoding = resolve_decoding(cfg, folder_generation_config(model_dir))
         self.max_new_tokens = max_new_tokens or max(cfg.max_new_tokens.values())
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-        folder = vllm_model_folder(resolve_model_dir(model_dir), Path(self._folder.name))
-        self.llm = LLM(model=str(folder), dtype=dtype, seed=cfg.seed,
-                       limit_mm_per_prompt={"image": 8}, mm_processor_kwargs=pixels or None)
+        self.llm = build_llm(model_dir, Path(self._folder.name), rollout, dtype=dtype, seed=cfg.seed,
+                             limit_mm_per_prompt={"image": 8}, mm_processor_kwargs=pixels or None)
 
     def _params(self):
         from vllm import SamplingParams
@@ -175,15 +161,17 @@ def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def make_generator(model_dir: Path, cfg: EvalConfig, dtype: str = "float32",
+def make_generator(model_dir: Path, cfg: EvalConfig, rollout: RolloutConfig, dtype: str = "float32",
                    progress: Callable[[int], None] = lambda _: None, *, stop_sequences: Sequence[str] = STOP_SEQUENCES,
                    min_pixels: int | None = None, max_pixels: int | None = None):
-    """vLLM when asked for (or `auto` and installed with a GPU), else Hugging Face. The pixel bounds
+    """vLLM or Hugging Face, as `rollout.engine` resolves for this model (`engine.use_vllm`), in the model's own
+    dtype: a float32 model run in bf16 would not give the same greedy tokens. The pixel bounds
     (model.min_pixels / max_pixels) replace the checkpoint processor's; `stop_sequences=()`: no stop strings."""
-    if cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available()):
-        # The model's own dtype (model.dtype), as the HF back-end: a float32 model run in bf16 would not give the
-        # same greedy tokens (a tie broken differently ends the equality a few dozen tokens in).
-        return VLLMGenerator(model_dir, cfg, dtype, stop_sequences, min_pixels=min_pixels, max_pixels=max_pixels)
+    from arft_core.agent.engine import use_vllm
+
+    if use_vllm(rollout, model_dir):
+        return VLLMGenerator(model_dir, cfg, rollout, dtype, stop_sequences, min_pixels=min_pixels,
+                             max_pixels=max_pixels)
     from arft_core.model.embedded import load_model
 
     model, processor = load_model(model_dir, dtype, min_pixels, max_pixels)

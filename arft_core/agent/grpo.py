@@ -93,7 +93,8 @@ class AgenticGRPOTrainer(GRPOTrainer):
                 if forced is not None:
                     ids = self._tokenizer(forced, add_special_tokens=False)["input_ids"]
                     ids = (ids + [self._tokenizer.eos_token_id])[:budget - len(comp[i])]
-                    outs[i] = ids, [0.0] * len(ids)
+                    # Not sampled from the policy: no sampling log-prob (NaN: TRL's vLLM importance ratio is 1 there).
+                    outs[i] = ids, [float("nan")] * len(ids)
             todo = [i for i in live if i not in outs and budget - len(comp[i]) > 0]
             window = None  # this rank's generation (epoch ns), for the traces
             if self._on_any_rank(bool(todo)):  # decided together: generation may be collective (ZeRO-3)
@@ -159,7 +160,8 @@ class AgenticGRPOTrainer(GRPOTrainer):
         """Whether `flag` holds on some rank, where ranks must generate in lockstep: under ZeRO-3 every generation
         is collective (the sharded weights are gathered, and each forward pass is kept in step across ranks), so
         while any rank generates, every rank must, or the ranks deadlock. Elsewhere generation is local: `flag`."""
-        if not self._dist.is_zero3 or self.accelerator.num_processes == 1:
+        collective = self._dist.is_zero3 or (self.use_vllm and self.vllm_mode == "server")  # server: gathered
+        if not collective or self.accelerator.num_processes == 1:
             return flag
         import torch.distributed as dist
 
@@ -174,9 +176,25 @@ class AgenticGRPOTrainer(GRPOTrainer):
              + text + "<|im_end|>\n<|im_start|>assistant\n")
         return list(self.processing_class(text=[s], images=[image] if image is not None else None)["input_ids"][0])
 
-    @torch.no_grad()
     def _generate_turn(self, seqs: list[list[int]], imgs: list[list], max_new: int):
         """One model turn for `seqs` (token ids so far, with their images): [(new ids, their log-probs)] each."""
+        cap = min(self.turn_max_new_tokens, max_new)
+        if not self.use_vllm:
+            return self._hf_turn(seqs, imgs, cap)
+        if self.state.global_step != self._last_loaded_step:  # the engine follows the policy after each update
+            self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        engine = self.vllm_generation
+        engine.max_completion_length, full = cap, engine.max_completion_length  # the cap of this turn
+        try:
+            images = [lst or None for lst in imgs]
+            _, ids, logps, _ = engine.generate(seqs, images if any(images) else None, num_generations=1)
+        finally:
+            engine.max_completion_length = full
+        return [_cut_at_eos(list(i), [lp[0] for lp in lps], self.eos_token_ids) for i, lps in zip(ids, logps)]
+
+    @torch.no_grad()
+    def _hf_turn(self, seqs: list[list[int]], imgs: list[list], cap: int):
         device = self.accelerator.device
         ids = [torch.tensor(s) for s in seqs]
         input_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
@@ -188,7 +206,7 @@ class AgenticGRPOTrainer(GRPOTrainer):
                            self.processing_class.image_processor(images=flat, return_tensors="pt").items()})
             inputs["mm_token_type_ids"] = (input_ids == self.image_pad_id).long()  # 3-D rotary positions
         cfg = copy.deepcopy(self.generation_config)
-        cfg.max_new_tokens = min(self.turn_max_new_tokens, max_new)
+        cfg.max_new_tokens = cap
         cfg.return_dict_in_generate = cfg.output_scores = True
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -198,12 +216,14 @@ class AgenticGRPOTrainer(GRPOTrainer):
             out = m.generate(**inputs, generation_config=cfg)  # synced across ranks under ZeRO-3 (transformers)
         new = out.sequences[:, input_ids.size(1):]
         logp = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        result = []
-        for b in range(new.size(0)):
-            row = new[b].tolist()
-            cut = next((j + 1 for j, t in enumerate(row) if t in self.eos_token_ids), len(row))
-            result.append((row[:cut], logp[b, :cut].tolist()))
-        return result
+        return [_cut_at_eos(new[b].tolist(), logp[b].tolist(), self.eos_token_ids) for b in range(new.size(0))]
+
+
+def _cut_at_eos(ids: list[int], logps: list[float], eos: set[int] | list[int]) -> tuple[list[int], list[float]]:
+    """The turn's tokens up to and including the first end-of-turn token (a batch runs on past it), with their
+    log-probs."""
+    cut = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
+    return ids[:cut], logps[:cut]
 
 
 def _trace_samples(items: list[EnvItem], records: list[dict], step: int) -> None:

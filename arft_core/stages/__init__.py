@@ -63,14 +63,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("search_index", search_index_stage, ("search",), ("data", "search-index")),
     Stage("search_data", search_data_stage, ("search_data", "search", "validation"), ("data", "search")),
     Stage("validate", validate_stage, ("validation", "data"), ("validate",)),
-    Stage("train", train_stage, ("train", "train_presets", "model", "sandbox", "search", "agent"), ("train",)),
+    Stage("train", train_stage, ("train", "train_presets", "model", "sandbox", "search", "agent", "rollout"),
+          ("train",)),
     # train.preset and train_presets: a preset also sets eval and agent values (the paper's decoding and protocol).
-    Stage("evaluate", evaluate_stage, ("eval", "agent", "search", "sandbox", "model", "train", "train_presets"),
+    Stage("evaluate", evaluate_stage, ("eval", "rollout", "agent", "search", "sandbox", "model", "train",
+                                       "train_presets"),
           ("evaluate",)),
-    Stage("register", register_stage, ("tracking", "eval", "agent", "search", "train", "train_presets", "model"),
+    Stage("register", register_stage, ("tracking", "eval", "rollout", "agent", "search", "train", "train_presets",
+                                       "model"),
           ("register",)),
-    Stage("promote", promote_stage, ("tracking", "eval", "agent", "search", "sandbox", "model", "train",
-                                     "train_presets"), ("promote",), report="promotion"),
+    Stage("promote", promote_stage, ("tracking", "eval", "rollout", "agent", "search", "sandbox", "model",
+                                     "train", "train_presets"), ("promote",), report="promotion"),
 )}
 
 

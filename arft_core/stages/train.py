@@ -65,7 +65,8 @@ def train_here(cfg: Config, sink: Callable[[dict, int], None], **collaborators) 
 
     data_dir = cfg.path("mat_coding" if cfg.train.task == "coding" else "mat_search")
     agentic = cfg.train.mode == "agentic"
-    kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints"), **collaborators}
+    kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints"), "rollout": cfg.rollout,
+                    **collaborators}
     with ExitStack() as stack:
         pool = None
         if cfg.train.task == "coding" and (agentic or cfg.train.reward_variant == "corrected"):
