@@ -156,17 +156,18 @@ def test_agentic_grpo_generates_each_turn_through_vllm(tiny, tmp_path, engines):
     check_training(logged)
 
 
-def test_agent_evaluation_through_vllm_equals_hf_greedy(tiny):
+def test_evaluation_through_vllm_equals_hf_greedy(tiny):
     outputs = {}
     for engine in ("hf", "vllm"):
         cfg = Config.from_dict({"model": MODEL.model_dump(), "paths": {"mat_coding": "data"},
-                                "eval": {"benchmarks": ["mat-coding"], "modes": ["agent"], "max_new_tokens": 24,
+                                "eval": {"benchmarks": ["mat-coding"], "modes": ["agent", "direct"], "max_new_tokens": 24,
                                          "teacher_forced": False},
                                 "rollout": {"engine": engine}, "agent": {"max_turns": 2},
                                 "sandbox": {"workers": 1}}, root=tiny)
         scores, predictions, _ = evaluate(tiny / "base", cfg)
-        outputs[engine] = [[t["output"] for t in p["turns"]] for p in predictions["mat-coding.agent"]]
-    assert len(outputs["hf"]) == 4 and all(outputs["hf"])
+        outputs[engine] = {mode: [[t["output"] for t in p["turns"]] for p in predictions[f"mat-coding.{mode}"]]
+                           for mode in ("agent", "direct")}
+    assert len(outputs["hf"]["agent"]) == len(outputs["hf"]["direct"]) == 4 and all(outputs["hf"]["agent"])
     assert outputs["vllm"] == outputs["hf"]
 
 
