@@ -118,7 +118,8 @@ class EmbeddedModelConfig(Section):
     num_hidden_layers: int = Field(2, description="Text decoder layers.", ge=1)
     num_attention_heads: int = Field(2, description="Text attention heads. The default's head size, 32, is the "
                                      "smallest vLLM's CPU attention supports (32, 64, 80, 96, 112, 128+).", ge=1)
-    num_key_value_heads: int = Field(1, description="Text KV heads (grouped-query attention).", ge=1)
+    num_key_value_heads: int = Field(2, description="Text KV heads (grouped-query attention; 2 of 2: plain "
+                                     "multi-head attention, which learns faster than 1 at this size).", ge=1)
     mrope_section: list[int] = Field([4, 6, 6], description="Multimodal RoPE sections; must sum to head_dim/2.")
     vision_depth: int = Field(2, description="Vision transformer blocks.", ge=1)
     vision_hidden_size: int = Field(32, description="Vision hidden size.", ge=8)
