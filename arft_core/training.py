@@ -398,6 +398,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
         resume = _last_checkpoint(checkpoint_dir)
     sft_dir = checkpoint_dir / "sft_model" if checkpoint_dir is not None and cfg.save_steps else None
     start = sft_dir if sft_dir is not None and (sft_dir / "config.json").is_file() else base_model
+    # Before any work: `rollout.engine: vllm` where vLLM cannot run fails here, not after the SFT cold start.
+    rollout = rollout or RolloutConfig()
+    vllm = use_vllm(rollout, start)
     model, processor = _load_policy(start, model_cfg.dtype)
     _set_pixel_budget(processor, model_cfg, cfg)
     summary: dict = {"resumed_from": Path(resume).name if resume else None}
@@ -418,8 +421,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
             start = sft_dir
         processor.tokenizer.padding_side = "left"
         checkpoints = cfg.save_steps and checkpoint_dir is not None
-        rollout = rollout or RolloutConfig()
-        vllm = use_vllm(rollout, start)  # the engine loads the policy's folder
         args = GRPOConfig(
             output_dir=str(checkpoint_dir) if checkpoints else str(scratch / "grpo"), seed=cfg.seed,
             # max_steps -1: TRL/HF count num_train_epochs instead (the paper's recipes are in epochs).

@@ -77,3 +77,13 @@ def test_vllm_view_of_an_embedded_model_adds_the_stock_processor_files_and_leave
     load_processor(tmp_path / "m")  # still loads without torchvision
     # A folder that already has the stock processor (a real checkpoint, or the view itself) is used as is.
     assert vllm_model_folder(view, tmp_path / "w") == view and not (tmp_path / "w").exists()
+
+
+def test_rollout_engine_without_vllm_is_hf_under_auto_and_a_clear_error_when_asked_for(tmp_path: Path):
+    from arft_core.agent.engine import use_vllm
+    from arft_core.config import RolloutConfig
+
+    prepare_base_model(SMALL, tmp_path / "base")
+    assert not use_vllm(RolloutConfig(), tmp_path / "base")  # the main environment has no vLLM
+    with pytest.raises(RuntimeError, match=r"rollout.engine is vllm, but vLLM is not installed .*make vllm-env"):
+        use_vllm(RolloutConfig(engine="vllm"), tmp_path / "base")
