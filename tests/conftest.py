@@ -17,7 +17,7 @@ SHARED = ROOT.parent / "shared" / "reference"
 
 import arft_core  # noqa: F401,E402  (telemetry defaults for this process and the subprocesses it starts)
 
-# tests/in_vllm_env runs in the vLLM environment (tests/test_vllm_env.py starts it there); here only where vLLM is installed.
+# tests/in_vllm_env runs in the vLLM environment (tests/test_engine_vllm.py starts it there); here only where vLLM is installed.
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["in_vllm_env"]
 
 # Small enough that the whole chain runs in seconds per stage, large enough to exercise every code path.

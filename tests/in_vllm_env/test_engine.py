@@ -1,5 +1,5 @@
 """vLLM as the rollout engine, run for real on CPU in the vLLM environment (`make vllm-env`; the main suite runs
-this folder there, tests/test_vllm_env.py): evaluation equals the HF back-end's float32 greedy outputs, and GRPO
+this folder there, tests/test_engine_vllm.py): evaluation equals the HF back-end's float32 greedy outputs, and GRPO
 in step and agentic mode trains with vLLM rollouts whose log-probs are the policy's, the engine following the
 trained weights."""
 
