@@ -243,6 +243,13 @@ class DataConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher trajectories.")
     workers: int = Field(2, description="Processes building items, each with its own warm sandbox for the "
                          "teacher check.", ge=1)
+    executor: Literal["processes", "dask"] = Field(
+        "processes", description="processes: `workers` processes of this machine; dask: the batches run as Prefect "
+        "tasks on a Dask cluster (prefect-dask's DaskTaskRunner; every worker must see the project folder). The "
+        "data are the same either way.")
+    dask_address: str | None = Field(
+        None, description="executor dask: the scheduler's address (e.g. tcp://scheduler:8786); null: a local "
+        "cluster of `workers` processes, started and stopped with the stage.")
 
     @field_validator("simple")
     @classmethod

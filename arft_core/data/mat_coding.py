@@ -17,8 +17,9 @@ import tempfile
 import textwrap
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from functools import lru_cache
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from functools import lru_cache, partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
@@ -225,35 +226,37 @@ def step_samples(item: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the whole build
-_POOL = None  # this worker process's sandbox
+_POOL = None  # this worker process's sandbox, started by its first batch
 
 
-def _init_worker(sandbox_json: str | None) -> None:
+def _sandbox(sandbox_json: str):
     global _POOL
-    if sandbox_json is not None:
+    if _POOL is None:
         import atexit
 
         from arft_core.sandbox import SandboxPool
 
         _POOL = SandboxPool(SandboxConfig.model_validate_json(sandbox_json))
         atexit.register(_POOL.close)
+    return _POOL
 
 
-def build_batch(cfg_json: str, root: str, split: str, jobs: list[tuple[str, int, int]], out_dir: str) -> list[dict]:
+def build_batch(cfg_json: str, root: str, split: str, jobs: list[tuple[str, int, int]], out_dir: str,
+                sandbox_json: str | None) -> list[dict]:
     """Render the candidates `jobs` ((level, type, k) each), verify their teacher fixes in this process's sandbox
-    in one job, and drop the files of the rejected ones."""
+    (none: `sandbox_json` None) in one job, and drop the files of the rejected ones."""
     records, arrays = [], []
     for level, type_index, k in jobs:
         record, clean, seen = render_candidate(cfg_json, root, split, level, type_index, k,
                                                str(Path(out_dir) / "images"))
         records.append(record)
         arrays.append((clean, seen))
-    if _POOL is None:
+    if sandbox_json is None:
         for record in records:
             record["verification"] = {"kept": True, "reason": "not verified"}
     else:
         cfg = DataConfig.model_validate_json(cfg_json)
-        verify_batch(records, arrays, Path(out_dir), _POOL, cfg.teacher.min_psnr_gain_db)
+        verify_batch(records, arrays, Path(out_dir), _sandbox(sandbox_json), cfg.teacher.min_psnr_gain_db)
     for record in records:
         if not record["verification"]["kept"]:
             _discard(record, Path(out_dir))
@@ -277,8 +280,12 @@ def _shares(cfg: DataConfig, split: str) -> dict[tuple[str, int], int]:
 
 
 def generate(cfg: DataConfig, out_dir: Path, root: Path, sandbox: SandboxConfig | None = None,
-             progress: Callable[[int], None] = lambda _: None) -> dict:
-    """Build both manifests under `out_dir` (rebuilt whole); returns the report (counts, rejects, speed)."""
+             progress: Callable[[int], None] = lambda _: None, submit: Callable | None = None) -> dict:
+    """Build both manifests under `out_dir` (rebuilt whole); returns the report (counts, rejects, speed).
+
+    The batches run as `submit(*build_batch's arguments)` -> a future with `.result()` when given (e.g. Prefect
+    tasks on a Dask cluster, `flows/cluster.py`; every worker must see `out_dir`), else on `cfg.workers` local
+    processes. The output is the same either way (items are chosen by k, not by completion order)."""
     started = time.perf_counter()
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -287,10 +294,12 @@ def generate(cfg: DataConfig, out_dir: Path, root: Path, sandbox: SandboxConfig 
     sandbox_json = ((sandbox or SandboxConfig()).model_copy(update={"workers": 1}).model_dump_json()
                     if cfg.teacher.verify else None)
     report: dict = {"manifests": {}, "rejects": {}, "candidates": 0, "rejected": 0}
-    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(sandbox_json,)) as workers:
+    with ExitStack() as stack:
+        if submit is None:
+            workers = stack.enter_context(ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")))
+            submit = partial(workers.submit, build_batch)
         for split in MANIFESTS:
-            items = _build_split(cfg, cfg_json, str(root), split, out_dir, workers, report, progress,
+            items = _build_split(cfg, cfg_json, str(root), split, out_dir, submit, sandbox_json, report, progress,
                                  min(VERIFY_BATCH, (sandbox or SandboxConfig()).max_output_images))
             for i, item in enumerate(items, start=1):
                 item["id"] = i
@@ -310,7 +319,8 @@ def generate(cfg: DataConfig, out_dir: Path, root: Path, sandbox: SandboxConfig 
     return report
 
 
-def _build_split(cfg, cfg_json, root, split, out_dir, workers, report, progress, batch_size) -> list[dict]:
+def _build_split(cfg, cfg_json, root, split, out_dir, submit, sandbox_json, report, progress,
+                 batch_size) -> list[dict]:
     """Kept items of a split: for each (level, type), the kept candidates with the smallest k. Candidates are
     submitted in rounds (all types at once) until every share is filled."""
     shares = _shares(cfg, split)
@@ -336,8 +346,8 @@ def _build_split(cfg, cfg_json, root, split, out_dir, workers, report, progress,
             break
         # Batches share one sandbox job (one fork, one image check) instead of one each.
         batches = [[(level, t, k) for (level, t), k in jobs[i:i + batch_size]] for i in range(0, len(jobs), batch_size)]
-        futures = [workers.submit(build_batch, cfg_json, root, split, batch, str(out_dir)) for batch in batches]
-        records = [record for future in as_completed(futures) for record in future.result()]
+        futures = [submit(cfg_json, root, split, batch, str(out_dir), sandbox_json) for batch in batches]
+        records = [record for future in futures for record in future.result()]
         for record in records:
             key = (record["split"], record["type_index"])
             report["candidates"] += 1

@@ -28,7 +28,12 @@ def data_stage(cfg: Config) -> dict:
     from arft_core.data.mat_coding import generate
 
     with progress_bar("generating MAT-Coding items", cfg.data.n_train + cfg.data.n_test) as advance:
-        report = generate(cfg.data, cfg.path("mat_coding"), cfg.root, cfg.sandbox, advance)
+        if cfg.data.executor == "dask":  # Prefect tasks on a Dask cluster (the orchestration layer's)
+            from flows.cluster import generate_on_dask
+
+            report = generate_on_dask(cfg, advance)
+        else:
+            report = generate(cfg.data, cfg.path("mat_coding"), cfg.root, cfg.sandbox, advance)
     write_json_atomic(cfg.path("data_report"), report)
     data_dir = cfg.path("mat_coding")
     sheet = contact_sheet(load_manifest(data_dir, "train") + load_manifest(data_dir, "test"), data_dir,
