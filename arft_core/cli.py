@@ -196,7 +196,7 @@ def deploy(serve: bool = typer.Option(False, "--serve", help="Serve the deployme
     for line in apply_deployments(cfg):
         console.print(f"deployed {line}", highlight=False)
     console.print(f"start workers: prefect worker start --pool {cfg.retrain.cpu_pool} (and --pool "
-                  f"{cfg.retrain.gpu_pool} on GPU machines)", highlight=False)
+                  f"{cfg.retrain.gpu_pool} on GPU machines); `arft stack up` runs both", highlight=False)
 
 
 @app.command("search")
@@ -480,6 +480,72 @@ def sandbox_probe(params: Optional[Path] = ParamsOption) -> None:
     for name, on in layers.items():
         console.print(f"{'[green]yes[/]' if on else '[red]NO[/] '}  {name}: {LAYERS[name]}")
     typer.echo(json.dumps(layers))
+
+
+stack_app = typer.Typer(help="The team stack of infra/compose.yaml as local processes on loopback: PostgreSQL, S3 "
+                        "(moto), MLflow, Prefect, a CPU-pool and a GPU-pool worker.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+def _stack(action, params: Optional[Path], **kwargs):
+    from arft_core.stack import StackError
+
+    cfg = _config(params)
+    try:
+        return action(cfg, **kwargs)
+    except StackError as exc:
+        _fail(str(exc))
+
+
+@stack_app.command("up")
+def stack_up(params: Optional[Path] = ParamsOption) -> None:
+    """Start what is not running (the databases persist in stack.home between runs); then print where each
+    service answers and what a client exports (`eval "$(arft stack env)"`)."""
+    from arft_core.stack import up
+
+    p = _stack(up, params, echo=lambda line: console.print(line, highlight=False))
+    console.print(f"MLflow {p.url('mlflow')}   Prefect {p.url('prefect')}/dashboard   S3 {p.url('minio')}",
+                  highlight=False)
+    console.print("clients: eval \"$(arft stack env)\"; workers run flow runs in "
+                  f"{p.service('cpu-worker').cwd}", highlight=False)
+
+
+@stack_app.command("down")
+def stack_down(volumes: bool = typer.Option(False, "--volumes", "-v", help="Also delete stack.home (the "
+                                            "PostgreSQL databases), like `docker compose down -v`."),
+               params: Optional[Path] = ParamsOption) -> None:
+    """Stop every process of the stack, workers' flow runs included. S3 objects are held in memory: they go too."""
+    from arft_core.stack import down
+
+    _stack(down, params, volumes=volumes, echo=lambda line: console.print(line, highlight=False))
+
+
+@stack_app.command("status")
+def stack_status(params: Optional[Path] = ParamsOption) -> None:
+    """Which services run (exit 0 when all do, 3 when some do not)."""
+    from arft_core.stack import status
+
+    rows = _stack(status, params)
+    table = Table("service", "state", "pid", "port")
+    for row in rows:
+        table.add_row(row["service"], "[green]running[/]" if row["running"] else "[red]stopped[/]",
+                      str(row["pid"] or ""), str(row["port"] or ""))
+    console.print(table)
+    if not all(row["running"] for row in rows):
+        raise typer.Exit(3)
+
+
+@stack_app.command("env")
+def stack_env(params: Optional[Path] = ParamsOption) -> None:
+    """Shell exports for a client of the stack (the environment compose gives a worker). Secrets are printed as
+    references to the variables holding them, never as values."""
+    import shlex
+
+    from arft_core.stack import client_env, plan
+
+    for key, value in _stack(lambda cfg: client_env(plan(cfg)), params).items():
+        shown = f'"{value}"' if value.startswith("${") else shlex.quote(value)
+        typer.echo(f"export {key}={shown}")
 
 
 class Terminated(KeyboardInterrupt):

@@ -677,6 +677,32 @@ class RetrainConfig(Section):
     record_lock: Literal["artifact", "commit"] = Field(
         "artifact", description="How a retraining run records the new dvc.lock: artifact (logged to the pipeline's "
         "MLflow run) or commit (also `git commit dvc.lock`).")
+    dvc_remote: str | None = Field(None, description="DVC remote a retraining run pushes its outputs to after "
+                                   "recording dvc.lock, so teammates and workers can `dvc pull` them (null: no push).")
+    heartbeat_seconds: int = Field(30, description="Flow runs of the deployments send a heartbeat this often "
+                                   "(Prefect's flows.heartbeat_frequency, at least 30).", ge=30)
+    crash_after_seconds: int = Field(90, description="A deployment's flow run without a heartbeat for this long "
+                                     "(its worker or machine died) is marked Crashed by the automation `arft deploy` "
+                                     "creates; the chain's retry then runs it again.", gt=0)
+
+    @model_validator(mode="after")
+    def _crash_after_heartbeat(self) -> RetrainConfig:
+        if self.crash_after_seconds <= self.heartbeat_seconds:
+            raise FieldError("crash_after_seconds", f"must be longer than heartbeat_seconds "
+                             f"({self.heartbeat_seconds})", self.crash_after_seconds)
+        return self
+
+
+class StackConfig(Section):
+    """The team stack of infra/compose.yaml as local processes on loopback (`arft stack up|down|status|env`)."""
+
+    home: str = Field(".stack", description="Folder of the local stack's state (PostgreSQL data, logs, process "
+                      "ids), relative to the project; `arft stack down --volumes` deletes it.")
+    host: str = Field("127.0.0.1", description="Address every service listens on (loopback: nothing is exposed).")
+    ports: dict[str, int] = Field({}, description="Port per compose service (postgres, minio, mlflow, prefect); "
+                                  "unset: the port compose publishes (postgres: its container port, 5432).")
+    start_timeout_s: float = Field(180.0, description="How long `arft stack up` waits for each service to answer.",
+                                   gt=0)
 
 
 class PipelineConfig(Section):
@@ -710,6 +736,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Scheduled retraining.")
+    stack: StackConfig = Field(default_factory=StackConfig, description="The team stack as local processes.")
 
     # Where the config comes from (load_config, from_dict): read them through `root` and `source`. Not params keys.
     _root: Path = Path(".")

@@ -31,7 +31,7 @@ class StageFailed(RuntimeError):
     pass
 
 
-def _stage_env() -> dict[str, str]:
+def stage_env() -> dict[str, str]:
     # Stage commands (`arft <stage>`) must resolve to this interpreter's environment even if it is not activated.
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -58,7 +58,7 @@ def reproduce_stage(stage: str, root: str, force: bool = False) -> str:
     ran = force or out_of_date(Path(root), stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     # Its own process group, so that an interrupted pipeline stops the stage command under dvc too.
-    proc = subprocess.Popen(cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=root, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, start_new_session=True)
     tail: list[str] = []
     try:
@@ -131,7 +131,8 @@ def pipeline_flow(params: str | None = None, force: list[str] | None = None) -> 
             retry = {"retries": cfg.pipeline.retries.get(stage, 0),
                      "retry_delay_seconds": cfg.pipeline.retry_delay_seconds}
             if stage == "train" and cfg.retrain.train_dispatch == "deployment":
-                results[stage] = train_on_gpu_pool(cfg, stage in (force or []))
+                step = train_on_gpu_pool.with_options(task_run_name="train-on-gpu-pool", **retry)
+                results[stage] = step(str(cfg.source), stage in (force or []))
             elif notice:
                 step = run_stage_here.with_options(task_run_name=f"stage-{stage}", **retry)
                 results[stage] = step(stage, str(cfg.source))
@@ -145,12 +146,15 @@ def pipeline_flow(params: str | None = None, force: list[str] | None = None) -> 
 TRAIN_DEPLOYMENT = "arft-train/gpu"
 
 
-def train_on_gpu_pool(cfg: Config, force: bool = False) -> str:
+@task(name="train-on-gpu-pool")
+def train_on_gpu_pool(params: str, force: bool = False) -> str:
     """The train stage on the GPU pool: when DVC says it must rerun (always, with a params file DVC does not
     track), run the training deployment (its worker shares the project folder), wait for it, then record its
-    outputs in dvc.lock with `dvc commit` (tracked params only)."""
+    outputs in dvc.lock with `dvc commit` (tracked params only). A run that fails or crashes (its worker died) fails
+    this task, which pipeline.retries.train reruns as a new flow run of the deployment."""
     from prefect.deployments import run_deployment
 
+    cfg = load_config(params)
     tracked = cfg.dvc_tracks_params
     if tracked and not force and not out_of_date(cfg.root, "train"):
         print("train: unchanged, skipping")
@@ -159,7 +163,7 @@ def train_on_gpu_pool(cfg: Config, force: bool = False) -> str:
     if not run.state or not run.state.is_completed():
         raise StageFailed(f"stage 'train' failed on the GPU pool: flow run {run.name} ended {run.state}")
     if tracked:
-        subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "train"], cwd=cfg.root, env=_stage_env(),
+        subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "train"], cwd=cfg.root, env=stage_env(),
                        check=True)
     return "ran"
 

@@ -95,12 +95,78 @@ def test_workers_serve_the_pools_of_params_and_reach_the_servers():
 
 def test_mlflow_uses_postgres_and_minio():
     argv = _command(SERVICES["mlflow"])
-    backend = argv[argv.index("--backend-store-uri") + 1]
+    env = SERVICES["mlflow"]["environment"]
+    backend = env["MLFLOW_BACKEND_STORE_URI"]  # the password in the environment, not on the command line
     assert backend.startswith("postgresql://") and "@postgres:5432/" in backend
-    assert argv[argv.index("--artifacts-destination") + 1].startswith("s3://")
-    assert SERVICES["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
-    buckets = " ".join(SERVICES["minio-buckets"]["command"])
-    assert "local/mlflow" in buckets and "local/dvc" in buckets
+    assert "--backend-store-uri" not in argv
+    assert argv[argv.index("--artifacts-destination") + 1] == "s3://mlflow/"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert SERVICES["minio-buckets"]["environment"]["BUCKETS"].split() == ["mlflow", "dvc"]
+    assert "$$BUCKETS" in " ".join(SERVICES["minio-buckets"]["command"])
+
+
+@pytest.fixture
+def stack_plan(monkeypatch, tmp_path):
+    from arft_core.config import Config
+    from arft_core.stack import plan
+
+    monkeypatch.setenv("POSTGRES_PASSWORD", "pg-pw-1")
+    monkeypatch.setenv("MINIO_ROOT_PASSWORD", "s3-pw-2")
+    monkeypatch.delenv("MINIO_ROOT_USER", raising=False)
+    cfg = Config.from_dict({"stack": {"home": str(tmp_path / "st"), "ports": {"mlflow": 5999}}}, root=ROOT)
+    return plan(cfg)
+
+
+def test_native_stack_is_derived_from_compose(stack_plan):
+    """`arft stack up` runs compose's services in depends_on order, with compose's commands and environment, the
+    container addresses turned into loopback ports (stack.ports wins over the published port)."""
+    p = stack_plan
+    names = [s.name for s in p.services]
+    assert set(names) == set(SERVICES)
+    for name, service in SERVICES.items():
+        for dep in service.get("depends_on") or {}:
+            assert names.index(dep) < names.index(name), (dep, name)
+    assert {s.name: s.kind for s in p.services if s.kind != "command"} == {
+        "postgres": "postgres", "minio": "s3", "minio-buckets": "buckets"}
+    mlflow = p.service("mlflow")
+    assert mlflow.port == 5999 and p.service("prefect").port == 4200 and p.service("postgres").port == 5432
+    assert mlflow.argv[1:4] == ["-m", "mlflow", "server"]
+    assert mlflow.argv[mlflow.argv.index("--host") + 1] == "127.0.0.1"
+    assert mlflow.argv[mlflow.argv.index("--port") + 1] == "5999"
+    assert [a for a in mlflow.argv[3:] if a.startswith("--")] == [a for a in _command(SERVICES["mlflow"])
+                                                                  if a.startswith("--")]
+    assert mlflow.env["MLFLOW_BACKEND_STORE_URI"] == "postgresql://arft:pg-pw-1@127.0.0.1:5432/mlflow"
+    assert mlflow.env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+    worker = p.service("gpu-worker")
+    assert worker.argv[3:] == _command(SERVICES["gpu-worker"])[1:]
+    assert worker.env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api" and worker.cwd == ROOT.resolve()
+    assert worker.env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    assert p.service("prefect").env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4200/api"
+    for service in p.services:  # a secret reaches a service through its environment only
+        assert not any("pw-" in a for a in service.argv), service.name
+
+
+def test_native_stack_prints_secret_references_not_values(stack_plan):
+    from arft_core.stack import client_env
+
+    env = client_env(stack_plan)
+    assert env["AWS_SECRET_ACCESS_KEY"] == "${MINIO_ROOT_PASSWORD}" and env["AWS_ACCESS_KEY_ID"] == "arft"
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999" and "pw-" not in str(env)
+
+
+def test_native_stack_names_the_missing_secret_before_starting(monkeypatch, tmp_path):
+    from arft_core.config import Config
+    from arft_core.stack import StackError, plan
+
+    monkeypatch.delenv("POSTGRES_PASSWORD", raising=False)
+    monkeypatch.setenv("MINIO_ROOT_PASSWORD", "x")
+    cfg = Config.from_dict({"stack": {"home": str(tmp_path / "st")}}, root=ROOT)
+    with pytest.raises(StackError, match=r"POSTGRES_PASSWORD \(postgres.environment.POSTGRES_PASSWORD"):
+        plan(cfg)
+    assert not (tmp_path / "st").exists()
+    bad = Config.from_dict({"stack": {"ports": {"mlfow": 1}}}, root=ROOT)
+    with pytest.raises(StackError, match=r"stack.ports: unknown service\(s\) \['mlfow'\]"):
+        plan(bad)
 
 
 def test_prefect_settings_in_compose_are_real_settings(monkeypatch):
