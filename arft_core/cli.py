@@ -512,9 +512,10 @@ def stack_up(params: Optional[Path] = ParamsOption) -> None:
 
 @stack_app.command("down")
 def stack_down(volumes: bool = typer.Option(False, "--volumes", "-v", help="Also delete stack.home (the "
-                                            "PostgreSQL databases), like `docker compose down -v`."),
+                                            "PostgreSQL databases, the S3 objects), like `docker compose down -v`."),
                params: Optional[Path] = ParamsOption) -> None:
-    """Stop every process of the stack, workers' flow runs included. S3 objects are held in memory: they go too."""
+    """Stop every process of the stack, workers' flow runs included. The S3 server's objects (held in memory) are
+    saved to stack.home first; the next `up` restores them."""
     from arft_core.stack import down
 
     _stack(down, params, volumes=volumes, echo=lambda line: console.print(line, highlight=False))

@@ -2,8 +2,9 @@
 
 The compose file is the one source: its services, their order (depends_on), commands, environment and buckets.
 Natively, each container host name becomes a loopback port, and each image a local program: `postgres` runs
-Debian's PostgreSQL server, `minio` an S3 server (moto, in memory), `minio-buckets` creates the same buckets through
-the S3 API, and the services with an `mlflow` or `prefect` command run that command with this environment's Python.
+Debian's PostgreSQL server, `minio` an S3 server (moto; its objects are saved in the stack's folder from a `down`
+to the next `up`), `minio-buckets` creates the same buckets through the S3 API, and the services with an `mlflow`
+or `prefect` command run that command with this environment's Python.
 Secrets come from the environment, as compose's `${VAR:?}` takes them; they reach a service through its environment,
 never its command line, the state file or a log line of ours.
 
@@ -378,18 +379,54 @@ def _start_postgres(p: Plan, svc: Service, env: dict[str, str], timeout: float) 
     return entry
 
 
-def _create_buckets(p: Plan, svc: Service) -> None:
+def _s3(p: Plan, svc: Service):
+    """A boto3 client of the S3 service `svc` (moto accepts the credentials compose gives MinIO)."""
     import boto3
 
+    return boto3.client("s3", endpoint_url=p.url(svc.name), region_name="us-east-1",
+                        aws_access_key_id=svc.env.get("MINIO_ROOT_USER", "arft"),
+                        aws_secret_access_key=svc.env.get("MINIO_ROOT_PASSWORD", ""))
+
+
+def _create_buckets(p: Plan, svc: Service) -> None:
     s3_name = next(name for name in p.compose["services"][svc.name].get("depends_on") or {}
                    if p.service(name).kind == "s3")
-    s3 = boto3.client("s3", endpoint_url=p.url(s3_name), region_name="us-east-1",
-                      aws_access_key_id=svc.env.get("MINIO_ROOT_USER", "arft"),
-                      aws_secret_access_key=svc.env.get("MINIO_ROOT_PASSWORD", ""))
+    s3 = _s3(p, p.service(s3_name))
     have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     for bucket in svc.env.get("BUCKETS", "").split():
         if bucket not in have:
             s3.create_bucket(Bucket=bucket)
+
+
+# moto holds its objects in memory; the stack keeps them in stack.home/s3/<bucket>/<key> between a `down` and the
+# next `up`, as compose's MinIO volume does.
+def _save_objects(p: Plan, svc: Service) -> int:
+    s3, folder = _s3(p, svc), p.home / "s3"
+    staging = p.home / "s3.saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    count = 0
+    for bucket in (b["Name"] for b in s3.list_buckets().get("Buckets", [])):
+        (staging / bucket).mkdir(parents=True)
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                target = staging / bucket / obj["Key"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(target))
+                count += 1
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)  # the saved copy is replaced only once this one is whole
+    return count
+
+
+def _restore_objects(p: Plan, svc: Service) -> int:
+    s3, folder = _s3(p, svc), p.home / "s3"
+    count = 0
+    for bucket in sorted(d for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []:
+        s3.create_bucket(Bucket=bucket.name)
+        for path in sorted(f for f in bucket.rglob("*") if f.is_file()):
+            s3.upload_file(str(path), bucket.name, path.relative_to(bucket).as_posix())
+            count += 1
+    return count
 
 
 def _worker_ready(log: Path, offset: int):
@@ -422,6 +459,8 @@ def up(cfg: Config, echo=print) -> Plan:
             entry = _spawn(p, svc, [sys.executable, "-m", "moto.server", "-H", p.host, "-p", str(svc.port)],
                            env, p.home)
             _wait(p, svc, entry, lambda: _answers(svc.health), timeout)
+            if (p.home / "s3").is_dir():
+                echo(f"{svc.name}: {_restore_objects(p, svc)} objects restored from {p.home / 's3'}")
         else:
             log = p.home / "logs" / f"{svc.name}.log"
             offset = log.stat().st_size if log.is_file() else 0
@@ -494,14 +533,16 @@ def _stop_tree(proc, sig: int, grace_s: float) -> None:
 
 def down(cfg: Config, volumes: bool = False, echo=print) -> None:
     """Stop the services in reverse order (each with what it started), then anything else carrying the stack's
-    marker; with `volumes`, delete the stack's folder (PostgreSQL's databases) too. S3 objects live in memory and
-    go with their server."""
+    marker; with `volumes`, delete the stack's folder (PostgreSQL's databases, the S3 objects) too. The S3 server
+    holds its objects in memory: they are saved to stack.home/s3 first, and the next `up` puts them back."""
     p = plan(cfg)
     state = read_state(p)
     for svc in reversed(p.services):
         proc = _alive(state["services"].get(svc.name))
         if proc is None:
             continue
+        if svc.kind == "s3" and not volumes:
+            echo(f"{svc.name}: {_save_objects(p, svc)} objects saved to {p.home / 's3'}")
         # PostgreSQL: SIGINT is its "fast" shutdown (SIGTERM waits for clients to leave).
         _stop_tree(proc, signal.SIGINT if svc.kind == "postgres" else signal.SIGTERM, 20)
         echo(f"{svc.name}: stopped")

@@ -199,6 +199,15 @@ def test_team_stack_retrains_on_the_gpu_pool_and_pushes_to_s3(tmp_path):
             assert _md5(fresh / "models" / "trained" / entry["relpath"]) == entry["md5"], entry["relpath"]
             assert (fresh / "models/trained" / entry["relpath"]).read_bytes() == \
                 (project / "models/trained" / entry["relpath"]).read_bytes()
+        # `down` then `up` keeps the S3 objects, as compose's MinIO volume does (moto holds them in memory).
+        assert "objects saved to" in _run(*arft_cmd, "stack", "down", cwd=project, env=base)
+        assert leftovers(home) == []
+        assert "objects restored from" in _run(*arft_cmd, "stack", "up", cwd=project, env=base)
+        again = {o["Key"][len(prefix):] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket="mlflow", Prefix=prefix) for o in page.get("Contents", [])}
+        assert again == keys
+        in_sync = _run(sys.executable, "-m", "dvc", "status", "--cloud", "--remote", "minio", cwd=project, env=env)
+        assert "Cache and remote 'minio' are in sync" in in_sync
     finally:
         down = subprocess.run([*arft_cmd, "stack", "down"], cwd=project, env=base, capture_output=True, text=True)
     assert down.returncode == 0, down.stderr
