@@ -544,7 +544,7 @@ def stack_env(params: Optional[Path] = ParamsOption) -> None:
 
     from arft_core.stack import client_env, plan
 
-    for key, value in _stack(lambda cfg: client_env(plan(cfg)), params).items():
+    for key, value in _stack(lambda cfg: client_env(plan(cfg, secrets=False)), params).items():
         shown = f'"{value}"' if value.startswith("${") else shlex.quote(value)
         typer.echo(f"export {key}={shown}")
 

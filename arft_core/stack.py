@@ -84,14 +84,13 @@ def load_compose(root: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _interpolate(value: str, where: str, missing: list[str], secrets: set[str]) -> str:
+def _interpolate(value: str, where: str, missing: list[str]) -> str:
     """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?message}` from the environment; `$$` is a literal `$`."""
 
     def sub(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3) or ""
         got = os.environ.get(name)
         if op == "?":
-            secrets.add(name)
             if not got:
                 missing.append(f"{name} ({where}: {arg or 'required'})")
                 return ""
@@ -143,9 +142,10 @@ def _kind(service: dict) -> str:
                      f"{program!r}")
 
 
-def plan(cfg: Config) -> Plan:
+def plan(cfg: Config, secrets: bool = True) -> Plan:
     """The services of compose as local processes, with every secret and port resolved: errors (a missing secret, an
-    unknown service in stack.ports) surface here, before anything starts."""
+    unknown service in stack.ports) surface here, before anything starts. `secrets=False`: a missing secret is left
+    empty (what `down`, `status` and `env` need does not hold one)."""
     compose = load_compose(cfg.root)
     services = compose["services"]
     st = cfg.stack
@@ -180,14 +180,13 @@ def plan(cfg: Config) -> Plan:
     for name in _topological(services):
         service = services[name]
         kind = _kind(service)
-        secrets: set[str] = set()
-        env = {k: local(_interpolate(str(v), f"{name}.environment.{k}", missing, secrets))
+        env = {k: local(_interpolate(str(v), f"{name}.environment.{k}", missing))
                for k, v in (service.get("environment") or {}).items()}
         secret_keys = {k for k, v in (service.get("environment") or {}).items()
                        if any(m.group(2) == "?" for m in _VAR.finditer(str(v)))}
         command = service.get("command") or []
         argv = command.split() if isinstance(command, str) else [str(a) for a in command]
-        argv = [local(_interpolate(a, f"{name}.command", missing, secrets)) for a in argv]
+        argv = [local(_interpolate(a, f"{name}.command", missing)) for a in argv]
         svc = Service(name, kind, env=env, port=ports.get(name), secrets=secret_keys)
         if kind == "command":
             svc.argv = _local_command(argv, st.host, svc.port)
@@ -199,7 +198,7 @@ def plan(cfg: Config) -> Plan:
                           "prefect": f"http://{st.host}:{svc.port}/api/health"}.get(argv[0] if argv else "",
                                                                                     f"http://{st.host}:{svc.port}/")
         out.append(svc)
-    if missing:
+    if missing and secrets:
         raise StackError("set in the environment (as for `docker compose`): " + "; ".join(dict.fromkeys(missing)))
     return Plan(home=home, host=st.host, services=out, compose=compose,
                 compose_dir=(cfg.root / COMPOSE_FILE).parent.resolve())
@@ -384,8 +383,8 @@ def _s3(p: Plan, svc: Service):
     import boto3
 
     return boto3.client("s3", endpoint_url=p.url(svc.name), region_name="us-east-1",
-                        aws_access_key_id=svc.env.get("MINIO_ROOT_USER", "arft"),
-                        aws_secret_access_key=svc.env.get("MINIO_ROOT_PASSWORD", ""))
+                        aws_access_key_id=svc.env.get("MINIO_ROOT_USER") or "arft",
+                        aws_secret_access_key=svc.env.get("MINIO_ROOT_PASSWORD") or "unset")  # (down: not needed)
 
 
 def _create_buckets(p: Plan, svc: Service) -> None:
@@ -477,7 +476,7 @@ def up(cfg: Config, echo=print) -> Plan:
 
 def status(cfg: Config) -> list[dict]:
     """Per service: name, running, pid, port (one-shot services are left out)."""
-    p = plan(cfg)
+    p = plan(cfg, secrets=False)
     state = read_state(p)
     rows = []
     for svc in p.services:
@@ -535,14 +534,17 @@ def down(cfg: Config, volumes: bool = False, echo=print) -> None:
     """Stop the services in reverse order (each with what it started), then anything else carrying the stack's
     marker; with `volumes`, delete the stack's folder (PostgreSQL's databases, the S3 objects) too. The S3 server
     holds its objects in memory: they are saved to stack.home/s3 first, and the next `up` puts them back."""
-    p = plan(cfg)
+    p = plan(cfg, secrets=False)
     state = read_state(p)
     for svc in reversed(p.services):
         proc = _alive(state["services"].get(svc.name))
         if proc is None:
             continue
         if svc.kind == "s3" and not volumes:
-            echo(f"{svc.name}: {_save_objects(p, svc)} objects saved to {p.home / 's3'}")
+            try:
+                echo(f"{svc.name}: {_save_objects(p, svc)} objects saved to {p.home / 's3'}")
+            except Exception as exc:  # stop the stack all the same; the last saved copy stays
+                echo(f"{svc.name}: could not save its objects ({exc}); {p.home / 's3'} keeps the previous copy")
         # PostgreSQL: SIGINT is its "fast" shutdown (SIGTERM waits for clients to leave).
         _stop_tree(proc, signal.SIGINT if svc.kind == "postgres" else signal.SIGTERM, 20)
         echo(f"{svc.name}: stopped")
