@@ -263,7 +263,8 @@ def _alive(entry: dict | None):
         return None
 
 
-def _postgres_bin() -> Path:
+def postgres_bin() -> Path:
+    """The folder of Debian's PostgreSQL server programs (the newest version installed)."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
         raise StackError("PostgreSQL server binaries not found: install Debian's postgresql package "
@@ -332,7 +333,7 @@ def _answers(url: str) -> bool:
 
 
 def _start_postgres(p: Plan, svc: Service, env: dict[str, str], timeout: float) -> dict:
-    bindir = _postgres_bin()
+    bindir = postgres_bin()
     folder = p.home / "postgres"
     data = folder / "data"
     user = svc.env.get("POSTGRES_USER", "postgres")

@@ -13,7 +13,7 @@ from prefect import flow
 from arft_core.config import Config, ConfigError, load_config
 from arft_core.dag import changed_stages
 from arft_core.stages.data import annotation_changes
-from flows.pipeline import pipeline_flow, untracked_notice
+from flows.pipeline import pipeline_flow, stage_env, untracked_notice
 
 SKIP_MESSAGE = "inputs unchanged since the last run: skipping training"
 
@@ -76,8 +76,6 @@ def check_remote(cfg: Config) -> None:
 
 def push_outputs(cfg: Config, remote: str) -> str:
     """`dvc push` of the pipeline's outputs to `remote`, so a teammate's `dvc pull` restores this run."""
-    from flows.pipeline import stage_env
-
     proc = subprocess.run([sys.executable, "-m", "dvc", "push", "--remote", remote], cwd=cfg.root, env=stage_env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:

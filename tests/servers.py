@@ -4,7 +4,6 @@ HTTP server that records what it receives and answers as scripted (fake web APIs
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import socket
@@ -52,18 +51,22 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
+def postgres_bin_or_skip() -> Path:
+    """Debian's PostgreSQL server programs; skips the test when the package is not installed (`.ci/run` installs
+    it)."""
+    from arft_core.stack import StackError, postgres_bin
+
+    try:
+        return postgres_bin()
+    except StackError as exc:
+        pytest.skip(str(exc))
 
 
 @contextmanager
 def postgres() -> Iterator[str]:
     """A throw-away PostgreSQL cluster on a loopback port; yields its SQLAlchemy URL (database `mlflow`). Skips the
     test when Debian's postgresql package is not installed (`.ci/run` installs it)."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql)")
+    bindir = postgres_bin_or_skip()
     # Not under pytest's tmp_path: PostgreSQL refuses to run as root, and its user must reach the folder.
     base = Path(tempfile.mkdtemp(prefix="arft-pg-"))
     data, log = base / "data", base / "postgres.log"

@@ -225,3 +225,13 @@ def test_dvc_remote_for_minio_is_configured_but_not_the_default():
     remote = config["remote"]["minio"]
     assert remote["url"] == "s3://dvc/arft" and remote["endpointurl"] == "http://localhost:9000"
     assert config["core"].get("remote") is None  # laptops push nowhere until they opt in
+
+
+def test_retrain_dvc_remote_must_be_a_remote_of_the_project():
+    """A mistyped retrain.dvc_remote stops the retraining before any work, naming the remotes there are."""
+    from arft_core.config import Config, ConfigError
+    from flows.retrain import check_remote
+
+    check_remote(Config.from_dict({"retrain": {"dvc_remote": "minio"}}, root=ROOT))
+    with pytest.raises(ConfigError, match=r"retrain.dvc_remote: no DVC remote 'mino'; .* defines \['minio'\]"):
+        check_remote(Config.from_dict({"retrain": {"dvc_remote": "mino"}}, root=ROOT))

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import copy_project
-from servers import free_port
+from servers import free_port, postgres_bin_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
@@ -84,8 +84,7 @@ def test_team_stack_retrains_on_the_gpu_pool_and_pushes_to_s3(tmp_path):
 
     from arft_core.stack import leftovers
 
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        pytest.skip("PostgreSQL server binaries not found (apt-get install postgresql; .ci/run installs it)")
+    postgres_bin_or_skip()
     # Not under pytest's tmp_path when root: PostgreSQL then runs as `postgres`, which must reach its folder.
     home = Path(tempfile.mkdtemp(prefix="arft-stack-")) / "stack"
     home.parent.chmod(0o755)
