@@ -8,6 +8,7 @@ dvc.yaml's `cmd` of a stage is its command here.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Optional
@@ -547,6 +548,57 @@ def stack_env(params: Optional[Path] = ParamsOption) -> None:
     for key, value in _stack(lambda cfg: client_env(plan(cfg, secrets=False)), params).items():
         shown = f'"{value}"' if value.startswith("${") else shlex.quote(value)
         typer.echo(f"export {key}={shown}")
+
+
+@app.command("serve")
+def serve_cmd(model: str = typer.Argument(..., help="Registered version to serve: models:/NAME@ALIAS, "
+                                          "models:/NAME/VERSION or models:/MODEL_ID."),
+              host: str = typer.Option("127.0.0.1", "--host", "-h", help="Address to bind. The scoring server "
+                                       "has no authentication: keep loopback, or put an authenticating proxy in "
+                                       "front (docs/serving.md)."),
+              port: int = typer.Option(5001, "--port", "-p", help="Port to bind."),
+              params: Optional[Path] = ParamsOption) -> None:
+    """Serve a registered agent over REST (`mlflow models serve` of a checked copy): every file of the version is
+    checked against the manifest logged with it before anything of it is loaded."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import mlflow
+
+    from arft_core.integrity import IntegrityError, download_verified
+    from arft_core.tracking import TrackingStoreError, store_errors
+
+    if not model.startswith("models:/"):
+        _fail(f"{model}: not a models:/ URI (a local folder is served by `mlflow models serve -m FOLDER`)")
+    cfg = _config(params)
+    scratch = Path(tempfile.mkdtemp(prefix="arft-serve-"))
+    try:
+        try:
+            mlflow.set_tracking_uri(cfg.tracking_uri())
+            with store_errors():
+                folder = download_verified(model, scratch)
+        except (IntegrityError, TrackingStoreError, ValueError) as exc:
+            _fail(str(exc))
+        except Exception as exc:  # MlflowException: an unknown name, alias or version
+            _fail(f"{model}: {exc}")
+        err.print(f"{model}: every file matches its logged manifest; serving on http://{host}:{port}")
+        # `mlflow models serve` execs uvicorn from PATH: this environment's bin first.
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", str(folder),
+                                 "--env-manager", "local", "-h", host, "-p", str(port)], env=env)
+        try:
+            raise typer.Exit(proc.wait())
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C: the server shuts down, then its checked copy is removed
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class Terminated(KeyboardInterrupt):

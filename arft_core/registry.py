@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import mlflow
 import pandas as pd
 
+from arft_core import integrity
+
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
@@ -387,20 +389,23 @@ def log_agent(model_dir: Path, cfg: Config, name: str = "model", step: int = 0, 
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
         code = _code_copy(tmp / "code")
         # Model.log is what pyfunc.log_model calls; it alone takes the run the model is an output of.
-        return mlflow.models.Model.log(
+        info = mlflow.models.Model.log(
             None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=AgentModel(), artifacts=artifacts,
             code_paths=[str(code)],
             signature=agent_signature(settings["agent"]["max_turns"]),
             pip_requirements=_requirements(cfg.search.backend == "local"), params=params, tags=tags, step=step,
             model_id=model_id)
+    integrity.record(info.model_id)  # the manifest of what the store now holds, its digest a tag
+    return info
 
 
 def register_model(model_uri: str, name: str, alias: str, tags: dict[str, str]) -> dict:
-    """Register an existing logged model (`models:/<model_id>`, or a `runs:/` URI) as a new version of `name`,
-    tag it and point `alias` at it. Returns {name, version, alias, model_uri (models:/name@alias), model_id,
-    run_id}."""
+    """Register a LoggedModel of `log_agent` (`models:/<model_id>`) as a new version of `name`, tag it (with the
+    LoggedModel's manifest digest too, which loading a version checks) and point `alias` at it. Returns {name,
+    version, alias, model_uri (models:/name@alias), model_id, run_id}."""
     client = mlflow.MlflowClient()
-    mv = mlflow.register_model(model_uri, name, tags=tags)
+    _, digest = integrity.pinned(model_uri, client)  # no digest, no version: loading it could not be checked
+    mv = mlflow.register_model(model_uri, name, tags={**tags, integrity.DIGEST_TAG: digest})
     version = str(mv.version)
     client.set_registered_model_alias(name, alias, version)
     # The SQLite registry returns no model_id on the version; its source is the LoggedModel's `models:/<id>`.

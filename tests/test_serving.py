@@ -25,6 +25,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from arft_core.data.teacher import code_step, fix_code
+from arft_core.integrity import DIGEST_TAG
 from conftest import write_params
 
 NAME = "arft-agent"
@@ -95,8 +96,9 @@ def test_logged_model_carries_the_model_settings_search_and_code(registered):
                  "model_id": registered.info.model_id, "run_id": registered.run_id}
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias(NAME, "candidate")
-    assert version.tags == {"eval.fingerprint": "f" * 16} and version.source == f"models:/{r['model_id']}"
     logged = mlflow.get_logged_model(r["model_id"])
+    assert version.tags == {"eval.fingerprint": "f" * 16, DIGEST_TAG: logged.tags[DIGEST_TAG]}  # see test_integrity
+    assert version.source == f"models:/{r['model_id']}"
     assert logged.params == {"checkpoint.step": "3"} and logged.tags["arft.kind"] == "agent"
     assert logged.source_run_id == registered.run_id
 

@@ -247,11 +247,12 @@ def shown_settings(cfg: Config, model_dir: Path | None = None) -> dict:
 
 
 def registered_model_dir(uri: str) -> Path:
-    """Download a registered version (`models:/<name>@<alias>` or `models:/<name>/<version>`) and return the model
-    folder inside its pyfunc (what `evaluate` loads)."""
-    import mlflow
+    """Download a registered version (`models:/<name>@<alias>` or `models:/<name>/<version>`), check every file
+    against the manifest logged with it (integrity.IntegrityError names a changed one) and return the model folder
+    inside its pyfunc (what `evaluate` loads)."""
+    from arft_core.integrity import download_verified
 
-    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    folder = download_verified(uri)
     found = [p.parent for p in folder.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
     if not found:
         raise FileNotFoundError(f"{uri}: no model weights in the registered artifacts")
