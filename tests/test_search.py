@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,11 +359,104 @@ def test_redirect_location_is_scrubbed(monkeypatch):
     assert KEY not in str(exc.value) and "k=***" in str(exc.value)
 
 
+# --- web: a server echoing the key into the texts that reach error messages (issue 26) -----------------------------
+
+ODD_KEY = "sk/test+7f3a=9c1e&5b2d 4680"  # characters that percent-, JSON- or HTML-encoding change
+
+
+def key_pieces(key: str) -> set[str]:
+    """Every 8-character piece of the key, as sent and percent-encoded."""
+    forms = {key, urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key)}
+    return {form[i:i + 8] for form in forms for i in range(len(form) - 7)}
+
+
+def assert_no_key_piece(key: str, *texts: str) -> None:
+    for text in texts:
+        leaked = sorted(piece for piece in key_pieces(key) if piece in text)
+        assert not leaked, (leaked, text)
+
+
+def straddling(cut: int, key: str, lead: int = 0) -> range:
+    """Padding lengths that put the key across a cut at `cut` characters (after `lead` characters of message)."""
+    return range(max(0, cut - lead - len(key) - 1), cut - lead + 2)
+
+
+@pytest.mark.parametrize("key", [KEY, ODD_KEY])
+def test_a_key_echoed_anywhere_leaves_no_piece_in_errors(monkeypatch, caplog, key: str):
+    """The key echoed in an error body, a Location header and a malformed answer, at every position across the
+    excerpt's cut (200 and 80 characters), in the spellings a server might use: no 8 characters of it reach the
+    error, its repr or the log. Before, the text was cut first and scrubbed after: a 12-20 character prefix leaked."""
+    monkeypatch.setenv("SERPER_API_KEY", key)
+    caplog.set_level(logging.DEBUG)
+    spellings = [key, urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key), json.dumps(key)[1:-1]]
+    replies: list[tuple[int, dict[str, str], bytes]] = []
+    shown = []  # whether the echo's *** fits inside the excerpt
+    lead = len("http://evil.invalid/?")
+    for spelling in spellings:
+        for pad in straddling(200, spelling):  # an error body's excerpt: 200 characters
+            replies.append((401, {}, ("x" * pad + spelling + " trailing text " * 20).encode()))
+            shown.append(pad + 3 <= 200)
+        for pad in straddling(200, spelling, lead):  # the Location, also cut at 200
+            replies.append((302, {"Location": f"http://evil.invalid/?{'p' * pad}{spelling}&more"}, b""))
+            shown.append(lead + pad + 3 <= 200)
+        for pad in straddling(80, spelling):  # a malformed answer's preview: 80 characters
+            replies.append((200, {}, ("<" * pad + spelling + " not json" * 20).encode()))
+            shown.append(pad + 3 <= 80)
+    queue = list(replies)
+    with loopback_http(lambda req: queue.pop(0)) as server:
+        backend = SerperSearch(SearchConfig(serper_url=f"{server.url}/search", retries=0, timeout_s=5.0,
+                                            rate_per_s=1000.0, burst=100))
+        messages = []
+        for status, _, _ in replies:
+            with pytest.raises(SearchError, match=f"HTTP {status}" if status != 200 else "malformed response") as exc:
+                backend.search("q", 2)
+            messages += [str(exc.value), repr(exc.value)]
+    assert queue == [] and len(server.requests) == len(replies)
+    assert all(r["x-api-key"] == key for r in (req.headers for req in server.requests))  # the key was sent...
+    assert_no_key_piece(key, *messages, caplog.text)  # ...and no piece of it came back
+    assert ["***" in m for m in messages[::2]] == shown  # each echo inside the excerpt was found and replaced
+
+
+def test_a_status_line_echoing_the_key_leaves_no_piece(monkeypatch, caplog):
+    """A server that answers with a broken status line quoting the key: http.client's error quotes that line."""
+    import socket
+
+    monkeypatch.setenv("SERPER_API_KEY", KEY)
+    caplog.set_level(logging.DEBUG)
+    listener = socket.create_server(("127.0.0.1", 0))
+    pads = list(straddling(200, KEY, len("connection error: BadStatusLine: ")))
+
+    def serve() -> None:
+        for pad in pads:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"XTTP/1.1 " + b"s" * pad + KEY.encode() + b"\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    backend = SerperSearch(SearchConfig(serper_url=f"http://127.0.0.1:{listener.getsockname()[1]}/search",
+                                        retries=0, timeout_s=5.0, rate_per_s=1000.0, burst=100))
+    messages = []
+    for _ in pads:
+        with pytest.raises(SearchError, match="connection error: BadStatusLine") as exc:
+            backend.search("q", 2)
+        messages.append(str(exc.value))
+    thread.join(timeout=10)
+    listener.close()
+    assert_no_key_piece(KEY, *messages, caplog.text)
+
+
 SERPER_GARBAGE = [Reply(200, "<html><body>Service temporarily unavailable</body></html>"), Reply(200, ""),
                   Reply(200, "[1, 2, 3]"), Reply(200, '"organic"'), Reply(200, {"organic": {"title": "x"}}),
-                  Reply(200, {}), Reply(200, {"message": "quota"})]
+                  Reply(200, {}), Reply(200, {"message": "quota"}),
+                  # well-formed answers whose entries are not result objects (issue 26)
+                  Reply(200, {"organic": [1, "x", None]}), Reply(200, {"organic": [SERPER_OK["organic"][0], 7]}),
+                  Reply(200, {"organic": [{"title": 5, "link": "https://x/"}]}), Reply(200, {"organic": [{}]})]
 BRAVE_GARBAGE = [Reply(200, "{truncated"), Reply(200, "null"), Reply(200, {"web": []}),
-                 Reply(200, {"web": {"results": {"a": 1}}}), Reply(200, {"status": "ok"})]
+                 Reply(200, {"web": {"results": {"a": 1}}}), Reply(200, {"status": "ok"}),
+                 Reply(200, {"type": "search", "web": {"results": [1, "x", None]}}),
+                 Reply(200, {"type": "search", "web": {"results": [{"title": "t", "url": ["https://x/"]}]}})]
 
 
 @pytest.mark.parametrize("backend_name, garbage, good, expected", [
@@ -412,9 +506,43 @@ def test_malformed_answers_forever_fail_clearly_and_cache_nothing(api: FakeAPI, 
     assert len(cached.cache) == 0
 
 
+@pytest.mark.parametrize("backend_name, malformed, problem, good, expected", [
+    ("serper", {"organic": [1, "x", None]}, "`organic[0]` is a number, not a result object", SERPER_OK,
+     "The tower is 330 metres tall."),
+    ("brave", {"type": "search", "web": {"results": [None]}}, "`web.results[0]` is null, not a result object",
+     BRAVE_OK, "It is 330 m tall & made of iron."),
+])
+def test_malformed_entries_are_a_bad_answer_retried_and_never_cached(api: FakeAPI, monkeypatch, caplog,
+                                                                    tmp_path: Path, backend_name, malformed, problem,
+                                                                    good, expected):
+    """Issue 26: `{"organic": [1, "x", null]}` was taken as zero results on the first attempt and cached."""
+    monkeypatch.setenv(f"{backend_name.upper()}_API_KEY", KEY)
+    cls = SerperSearch if backend_name == "serper" else BraveSearch
+    backend = cls(web_cfg(api, retries=2, backoff_s=0.001))
+    cached = CachedSearch(backend, SearchCache(tmp_path / "c.sqlite"), "record")
+    caplog.set_level(logging.WARNING, logger="arft_core.search")
+    api.default = Reply(200, malformed)
+    with pytest.raises(SearchError) as exc:
+        cached.search("eiffel", 2)
+    assert str(exc.value).startswith(f"{backend_name} search failed after 3 attempts for query 'eiffel': "
+                                     f"malformed response: {problem} (")
+    assert backend.attempts == 3 and len(api.requests) == 3  # retried like any transient failure
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"{backend_name} search attempt {i}/3 failed" for i in (1, 2)]
+    assert len(cached.cache) == 0 and cached.cache.get(backend_name, "eiffel", 2) is None
+    assert cached.stats.backend_calls == 0
+
+    api.script = [Reply(200, malformed), Reply(200, good)]  # one bad answer, then a good one: the good one is kept
+    results = cached.search("eiffel", 2)
+    assert results[0].snippet == expected and backend.attempts == 5
+    assert len(cached.cache) == 1 and cached.cache.get(backend_name, "eiffel", 2) == results
+    api.default = Reply(500, {})
+    assert cached.search("eiffel", 2) == results and backend.attempts == 5  # replayed from the cache
+
+
 def test_cache_refuses_non_answers(tmp_path: Path):
     cache = SearchCache(tmp_path / "c.sqlite")
-    for bad in (None, {"organic": []}, [{"title": "t"}], "text"):
+    for bad in (None, {"organic": []}, [{"title": "t"}], "text", [SearchResult("t", None, "s")]):
         with pytest.raises(SearchError, match="not cached"):
             cache.put("serper", "q", 2, bad)  # type: ignore[arg-type]
     cache.put("serper", "q", 2, [])  # no results is an answer

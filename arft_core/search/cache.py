@@ -7,8 +7,9 @@ stored as JSON and read back exactly as stored (same order, same text). Modes (`
 - record: answer from the cache, query the backend on a miss and store;
 - replay: cache only; a miss is a `SearchError` naming the query and backend (reproducible runs, no network).
 
-Only answers are stored: a backend call that raises (HTTP error, redirect, malformed answer, timeout) stores
-nothing, and `put` refuses anything but a list of `SearchResult`, so a non-answer can never be replayed later.
+Only answers are stored: a backend call that raises (HTTP error, redirect, malformed answer or malformed result
+entries, timeout) stores nothing, and `put` refuses anything but a list of `SearchResult` with text fields, so a
+non-answer can never be replayed later.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class SearchCache:
         return [SearchResult(**r) for r in json.loads(bytes(row[0]).decode("utf-8", "surrogatepass"))]
 
     def put(self, backend: str, query: str, k: int, results: list[SearchResult]) -> None:
-        if not isinstance(results, list) or not all(isinstance(r, SearchResult) for r in results):
+        if not isinstance(results, list) or not all(
+                isinstance(r, SearchResult) and all(isinstance(v, str) for v in (r.title, r.snippet, r.source))
+                for r in results):
             raise SearchError(f"backend {backend!r} answered query {query!r} with something other than a list of "
                               "SearchResult; not cached")
         # A BLOB with surrogatepass: every Python string round-trips exactly, even lone surrogates, which neither

@@ -2,10 +2,14 @@
 
 Shared behaviour (spec §5.3 lists what the paper's tool lacked): the API key is read from the environment at call
 time and never appears in exceptions, log records or reprs; a per-request timeout; retries with exponential,
-jittered backoff on 429 / 5xx / timeouts / connection errors / malformed answers (not JSON, or JSON that is not
-the API's answer), honouring `Retry-After`, none on other 4xx; redirects are never followed (the key header would go
-to wherever the Location points), a 3xx is an error; and a thread-safe token bucket shared by every call of one
-backend instance.
+jittered backoff on 429 / 5xx / timeouts / connection errors / malformed answers (not JSON, JSON that is not
+the API's answer, or result entries that are not result objects), honouring `Retry-After`, none on other 4xx;
+redirects are never followed (the key header would go to wherever the Location points), a 3xx is an error; and a
+thread-safe token bucket shared by every call of one backend instance.
+
+Every text a server controls (error bodies, reason phrases, Location headers, connection errors, previews of
+malformed answers) reaches an error message only through `_Secret.excerpt`: the key is scrubbed from the whole text
+first and only then is it cut to length, so that no cut can leave a piece of an echoed key behind.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -37,8 +41,12 @@ log = logging.getLogger(__name__)
 
 # A server may ask for any Retry-After; past this the caller is better served by an error than by a stalled run.
 MAX_RETRY_AFTER_S = 60.0
-_ERROR_BODY_CHARS = 200
-_BODY_PREVIEW_CHARS = 80
+_ERROR_BODY_CHARS = 200   # of an error body, a Location, a connection error, in an error message
+_BODY_PREVIEW_CHARS = 80  # of a malformed answer's body
+_REASON_CHARS = 80        # of an HTTP reason phrase
+# Bytes of an error body read for its excerpt: bounded (a server may send anything), and far more than any excerpt
+# shows, so that a key cut in two by this read lies well past the excerpt's end.
+_ERROR_BODY_READ = 1 << 16
 _TAG = re.compile(r"<[^>]+>")
 
 
@@ -88,16 +96,29 @@ class TokenBucket:
 class _Secret:
     """Holds the key so that no repr, str or traceback-with-locals can show it."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "_forms")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        # The spellings a server may echo it in: as sent, percent-encoded (a redirect target's query), JSON- and
+        # HTML-escaped. Longest first, so that a longer spelling is replaced whole before a shorter one inside it.
+        forms = {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value), json.dumps(value)[1:-1],
+                 html.escape(value)} if value else set()
+        self._forms = sorted(forms, key=len, reverse=True)
 
     def reveal(self) -> str:
         return self._value
 
     def scrub(self, text: str) -> str:
-        return text.replace(self._value, "***") if self._value else text
+        for form in self._forms:
+            text = text.replace(form, "***")
+        return text
+
+    def excerpt(self, text: str, limit: int) -> str:
+        """At most `limit` characters of server-controlled `text`, without the key: scrubbed whole, then cut (the
+        other order leaves the first characters of a key that straddles the cut)."""
+        text = self.scrub(text).strip()
+        return text if len(text) <= limit else text[:limit] + "..."
 
     def __repr__(self) -> str:
         return "<secret>"
@@ -129,8 +150,28 @@ def _parse_retry_after(value: str | None) -> float | None:
 
 
 def _preview(body: bytes, key: _Secret) -> str:
-    text = key.scrub(body[:_BODY_PREVIEW_CHARS].decode("utf-8", "replace")).strip()
+    text = key.excerpt(body[:_ERROR_BODY_READ].decode("utf-8", "replace"), _BODY_PREVIEW_CHARS)
     return repr(text) if text else "an empty body"
+
+
+def _json_type(value: Any) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _entries_error(items: Sequence[Any], where: str, fields: tuple[str, ...]) -> str | None:
+    """Why `items` (the answer's result list at `where`) is not a list of result objects, or None. An answer with
+    one bad entry is a bad answer as a whole (a broken proxy or API): retried and never cached, not shortened."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return f"`{where}[{i}]` is {_json_type(item)}, not a result object"
+        for name in fields:
+            if item.get(name) is not None and not isinstance(item[name], str):
+                return f"`{where}[{i}].{name}` is {_json_type(item[name])}, not a string"
+        if not any(item.get(name) for name in fields):
+            return f"`{where}[{i}]` has none of " + ", ".join(f"`{name}`" for name in fields)
+    return None
 
 
 def _clean(text: Any) -> str:
@@ -190,7 +231,7 @@ class _WebSearch(ABC):
                 body = resp.read()
         except urllib.error.HTTPError as e:
             try:
-                detail = key.scrub(e.read(_ERROR_BODY_CHARS).decode("utf-8", "replace")).strip()
+                detail = key.excerpt(e.read(_ERROR_BODY_READ).decode("utf-8", "replace"), _ERROR_BODY_CHARS)
             except Exception:  # noqa: BLE001 - the body is only decoration for the error message
                 detail = ""
             finally:
@@ -198,19 +239,21 @@ class _WebSearch(ABC):
             if e.code == 429 or e.code >= 500:
                 raise _Retryable(f"HTTP {e.code}", _parse_retry_after(e.headers.get("Retry-After"))) from None
             if 300 <= e.code < 400:
-                location = key.scrub(e.headers.get("Location") or "(no Location header)")
+                location = key.excerpt(e.headers.get("Location") or "(no Location header)", _ERROR_BODY_CHARS)
                 raise SearchError(f"{self.name} search failed: HTTP {e.code} redirect from {self._url()} to "
                                   f"{location}; redirects are not followed, so that the API key is only ever sent "
                                   f"to the configured URL (point the config at the final URL)") from None
-            raise SearchError(f"{self.name} search failed: HTTP {e.code} {key.scrub(str(e.reason))}: {detail}") from None
+            reason = key.excerpt(str(e.reason), _REASON_CHARS)
+            raise SearchError(f"{self.name} search failed: HTTP {e.code} {reason}: {detail}") from None
         except (TimeoutError, socket.timeout):
             raise _Retryable(f"timed out after {self.cfg.timeout_s:g} s") from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 raise _Retryable(f"timed out after {self.cfg.timeout_s:g} s") from None
-            raise _Retryable(f"connection error: {key.scrub(str(e.reason))}") from None
-        except (ConnectionError, http.client.HTTPException) as e:
-            raise _Retryable(f"connection error: {key.scrub(type(e).__name__ + ': ' + str(e))}") from None
+            raise _Retryable(f"connection error: {key.excerpt(str(e.reason), _ERROR_BODY_CHARS)}") from None
+        except (ConnectionError, http.client.HTTPException) as e:  # e.g. BadStatusLine quotes the server's line
+            detail = key.excerpt(f"{type(e).__name__}: {e}", _ERROR_BODY_CHARS)
+            raise _Retryable(f"connection error: {detail}") from None
         # A malformed answer (a proxy's error page, a truncated body) is as transient as a 5xx: retried the same way.
         try:
             payload = json.loads(body)
@@ -263,13 +306,14 @@ class SerperSearch(_WebSearch):
             return "a JSON object with neither `organic` nor `searchParameters`"
         if not isinstance(payload.get("organic"), (list, type(None))):
             return "`organic` is not a list"
-        return None
+        return _entries_error(payload.get("organic") or [], "organic", ("title", "snippet", "link"))
 
     def _parse(self, payload: dict[str, Any]) -> list[SearchResult]:
-        # The paper's tool raised on a missing `organic` key; no organic results is an empty answer.
+        # The paper's tool raised on a missing `organic` key; no organic results is an empty answer. Every entry is
+        # a result object (`_shape_error` checked).
         items = payload.get("organic") or []
         return [SearchResult(title=_clean(it.get("title")), snippet=_clean(it.get("snippet")),
-                             source=str(it.get("link") or "")) for it in items if isinstance(it, dict)]
+                             source=it.get("link") or "") for it in items]
 
 
 class BraveSearch(_WebSearch):
@@ -294,10 +338,10 @@ class BraveSearch(_WebSearch):
         web = payload.get("web")
         if web is not None and not (isinstance(web, dict) and isinstance(web.get("results"), (list, type(None)))):
             return "`web.results` is not a list"
-        return None
+        return _entries_error((web or {}).get("results") or [], "web.results", ("title", "description", "url"))
 
     def _parse(self, payload: dict[str, Any]) -> list[SearchResult]:
         web = payload.get("web")
         items = (web.get("results") if isinstance(web, dict) else None) or []
         return [SearchResult(title=_clean(it.get("title")), snippet=_clean(it.get("description")),
-                             source=str(it.get("url") or "")) for it in items if isinstance(it, dict)]
+                             source=it.get("url") or "") for it in items]
