@@ -642,6 +642,34 @@ class SandboxConfig(Section):
     startup_timeout_s: float = Field(60.0, description="Time a worker may take to start and import.", gt=0)
 
 
+class ServingConfig(Section):
+    """The served agent (`mlflow models serve` of a logged version): per-request caps, the deadline and the tool
+    policy. `log_agent` records them into the version's serving.json; at serve time ARFT_SERVING_<FIELD>
+    environment variables (e.g. ARFT_SERVING_DEADLINE_S=20) override the caps and the deadline, not the policy.
+    The `max_turns` request parameter is capped by agent.max_turns. docs/serving.md has the threat model."""
+
+    max_rows: int = Field(8, description="Rows per request; more is refused (HTTP 400).", ge=1)
+    max_question_chars: int = Field(4000, description="Characters of a row's question (and of a `first_turn`); a "
+                                    "longer question is an error row.", ge=1)
+    max_prompt_tokens: int = Field(16384, description="Tokens of one model call's prompt (text and image tokens, the "
+                                   "transcript so far included); a row that would exceed it ends with an error.",
+                                   ge=64)
+    max_image_pixels: int = Field(16_777_216, description="Width x height of an input image, read from its header "
+                                  "before decoding (4096 x 4096); a larger one is an error row.", ge=1)
+    max_request_bytes: int = Field(32 * 2**20, description="Questions, images and first_turn of one request "
+                                   "together, in bytes; more is refused (HTTP 400). MLflow's scoring server has read "
+                                   "the whole HTTP body before: cap the body itself at the proxy.", ge=1)
+    deadline_s: float = Field(45.0, description="Wall time of one request, lock wait included: then its unfinished "
+                              "rows end with an error and the next request runs. Keep it below MLflow's request "
+                              "timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s).", gt=0)
+    allow_first_turn: bool = Field(False, description="Accept the `first_turn` parameter (a scripted first model "
+                                   "output: any client could run any code in the sandbox and send any search). "
+                                   "For tests and demos.")
+    live_search: bool = Field(False, description="Search the backend on a cache miss (search.mode as logged: a paid "
+                              "call for web backends, a new cache row). false: replay the logged cache only. "
+                              "ARFT_SEARCH_MODE at serve time overrides either.")
+
+
 class TrackingConfig(Section):
     """MLflow tracking and registry. MLFLOW_TRACKING_URI in the environment overrides `uri`."""
 
@@ -733,6 +761,8 @@ class Config(Section):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Code-execution sandbox.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Search tool and cache.")
     search_data: SearchDataConfig = Field(default_factory=SearchDataConfig, description="MAT-Search import.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="The served agent's caps and "
+                                   "tool policy (recorded with the model).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Orchestration.")
     retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Scheduled retraining.")

@@ -28,7 +28,7 @@ from arft_core import integrity
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
-    from arft_core.config import Config
+    from arft_core.config import Config, ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,15 @@ TASK_BENCHMARK = {"coding": "mat-coding", "search": "mat-search"}  # whose eval.
 class AgentModel(mlflow.pyfunc.PythonModel):
     """The evaluation's agent loop as a pyfunc: one row per item (`question`, `image` bytes, `task`), answered by
     `run_episodes` with the evaluation's generator, the sandbox for `<code>` and the search backend behind its
-    cache for `<search>`. See `log_agent` for the signature."""
+    cache for `<search>`. See `log_agent` for the signature.
+
+    Served, it is reachable by any client: the `serving` section (serving.json, ARFT_SERVING_* overrides) caps
+    each request and bounds its wall time (`_check_request`, `_env_item`, `_check_prompt`, the deadline), and all
+    its scratch lives in one folder per process that SIGTERM, a normal exit and the next start remove."""
 
     def load_context(self, context):
         import threading
+        import weakref
 
         from arft_core.config import Config
         from arft_core.evaluation import eval_generator
@@ -62,82 +67,126 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         if settings.get("format") != SETTINGS_FORMAT:
             raise ValueError(f"{SETTINGS_FILE}: format {settings.get('format')!r}, this code reads {SETTINGS_FORMAT}")
-        # The search paths (corpus, index) are relative to the shipped `search` artifact, or absolute.
+        self.limits = serving_limits(settings.get("serving", {}))  # a version logged before: the defaults
+        # The search paths (corpus, index) are relative to the shipped `search` artifact, or absolute. A client
+        # must not make paid calls or grow the cache: the logged mode only when live search was enabled.
         self._shipped = Path(context.artifacts["search"]) if "search" in context.artifacts else None
-        search = {**settings["search"], "mode": os.environ.get(ENV_SEARCH_MODE) or settings["search"]["mode"]}
+        mode = os.environ.get(ENV_SEARCH_MODE) or (settings["search"]["mode"] if self.limits.live_search else "replay")
+        search = {**settings["search"], "mode": mode}
         # `rollout`: the engine setting as logged (auto: whatever this serving environment runs).
         self.cfg = Config.from_dict({"model": settings["model"], "eval": settings["eval"],
                                      "rollout": settings.get("rollout", {}),
                                      "agent": settings["agent"], "sandbox": settings["sandbox"],
                                      "search": search, "train": {"mode": settings["train_mode"]}},
                                     root=self._shipped or Path(context.artifacts["model"]))  # see _search_backend
+        timeout = os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")
+        if timeout and float(timeout) <= self.limits.deadline_s:
+            log.warning("serving.deadline_s (%g s) is not below MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (%s s): a "
+                        "request past its deadline gets a 504 instead of its error rows", self.limits.deadline_s,
+                        timeout)
+        self._root = _scratch_root()
+        _remove_on_sigterm(weakref.finalize(self, shutil.rmtree, str(self._root), True))  # and at exit
         self.generator = eval_generator(Path(context.artifacts["model"]), self.cfg)
-        self._search = self._scratch = None
+        self._processor = getattr(self.generator, "processor", None)  # vLLM: loaded on the first prompt check
+        self._model_dir = Path(context.artifacts["model"])
+        self._search = None
         self._lock = threading.Lock()  # one predict at a time: the generator's max_new_tokens is per call
 
     def predict(self, context, model_input: pd.DataFrame, params=None):  # MLflow infers nothing from pd.DataFrame
-        from dataclasses import replace
+        import contextlib
+        import time
 
         from arft_core.agent import AgentEnv, EnvItem, run_episodes
-        from arft_core.evaluation import _tools
+        from arft_core.agent.env import Tools
+        from arft_core.agent.rollout import Deadline
+        from arft_core.sandbox import SandboxPool
 
+        limits = self.limits
+        # From arrival: the wait for the previous request counts, so queued requests cannot pile up work.
+        deadline = Deadline(time.monotonic() + limits.deadline_s,
+                            f"deadline of {limits.deadline_s:g} s (serving.deadline_s)", _stopping)
         params = params or {}
-        agent = self.cfg.agent
-        if params.get("max_turns"):
-            agent = agent.model_copy(update={"max_turns": int(params["max_turns"])})
         first_turn = params.get("first_turn") or ""
+        max_turns = _check_request(model_input, params, limits, self.cfg.agent.max_turns)
+        agent = self.cfg.agent.model_copy(update={"max_turns": max_turns})
         n = len(model_input)
         records: list[dict | None] = [None] * n
-        with self._lock, tempfile.TemporaryDirectory(prefix="arft-predict-") as scratch:
-            groups: dict[str, list[tuple[int, EnvItem]]] = {}
-            for k, (question, image, task) in enumerate(_rows(model_input)):
-                try:
-                    item = _env_item(k, question, image, task, Path(scratch) / f"item-{k}")
-                except ValueError as e:  # this row only
-                    records[k] = {"pred_answer": None, "end": "error", "n_turns": 0,
-                                  "turns": [{"output": None, "action": None, "error": str(e), "observation": None}]}
-                    continue
-                bench = "multihop" if item.image is None else TASK_BENCHMARK[item.task]  # a text-only question
-                groups.setdefault(bench, []).append((k, item))
-            code = any(item.task == "coding" for g in groups.values() for _, item in g)
-            search = any(item.task == "search" for g in groups.values() for _, item in g)
-            with _tools(self.cfg, code, False) as tools:  # the sandbox: started here, closed after this call
-                tools = replace(tools, search=self._search_backend() if search else None)
-                generator = _FirstTurn(self.generator, first_turn) if first_turn else self.generator
-                for bench, group in groups.items():
-                    self.generator.max_new_tokens = self.cfg.eval.max_new_tokens[bench]  # as evaluate() sets it
-                    envs = [AgentEnv(item, tools, agent, Path(scratch) / f"item-{k}" / "env") for k, item in group]
-                    done = run_episodes(envs, generator, tool_threads=self.cfg.sandbox.workers)
-                    for (k, _), record in zip(group, done, strict=True):
-                        records[k] = record
-        return pd.DataFrame({"answer": pd.Series([r["pred_answer"] for r in records], dtype=object),
-                             "trajectory": [json.dumps(_trajectory(r["turns"]), ensure_ascii=False) for r in records],
-                             "end": [r["end"] for r in records],
-                             "n_turns": pd.Series([r["n_turns"] for r in records], dtype="int64")})
+        while not self._lock.acquire(timeout=0.25):
+            if why := deadline.expired():
+                return _predictions([_error_record(f"DeadlineExceeded: {why} waiting for the previous request")] * n)
+        try:
+            with tempfile.TemporaryDirectory(prefix="arft-predict-", dir=self._root) as scratch:
+                groups: dict[str, list[tuple[int, EnvItem]]] = {}
+                for k, (question, image, task) in enumerate(_rows(model_input)):
+                    try:
+                        item = _env_item(k, question, image, task, Path(scratch) / f"item-{k}", limits)
+                    except ValueError as e:  # this row only
+                        records[k] = _error_record(str(e))
+                        continue
+                    bench = "multihop" if item.image is None else TASK_BENCHMARK[item.task]  # a text-only question
+                    groups.setdefault(bench, []).append((k, item))
+                code = any(item.task == "coding" for g in groups.values() for _, item in g)
+                search = any(item.task == "search" for g in groups.values() for _, item in g)
+                # The sandbox: started here, closed after this call, its folder in this process's scratch.
+                with SandboxPool(self.cfg.sandbox, scratch=self._root) if code else contextlib.nullcontext() as pool:
+                    tools = Tools(sandbox=pool, search=self._search_backend() if search else None,
+                                  top_k=self.cfg.search.top_k)
+                    generator = _FirstTurn(self.generator, first_turn) if first_turn else self.generator
+                    for bench, group in groups.items():
+                        self.generator.max_new_tokens = self.cfg.eval.max_new_tokens[bench]  # as evaluate() sets it
+                        envs = [AgentEnv(item, tools, agent, Path(scratch) / f"item-{k}" / "env") for k, item in group]
+                        done = run_episodes(envs, generator, tool_threads=self.cfg.sandbox.workers, deadline=deadline,
+                                            check_prompt=self._check_prompt)
+                        for (k, _), record in zip(group, done, strict=True):
+                            records[k] = record
+        finally:
+            self._lock.release()
+        return _predictions(records)
+
+    def _check_prompt(self, prompt) -> None:
+        """ValueError when a model call's prompt (text and image tokens) exceeds serving.max_prompt_tokens."""
+        if self._processor is None:
+            from arft_core.model.processor import load_processor
+
+            self._processor = load_processor(self._model_dir, self.cfg.model.min_pixels, self.cfg.model.max_pixels)
+        tokens = prompt_tokens(self._processor, prompt)
+        if tokens > self.limits.max_prompt_tokens:
+            raise ValueError(f"the turn-{prompt.turn} prompt has {tokens} tokens; serving.max_prompt_tokens is "
+                             f"{self.limits.max_prompt_tokens}")
 
     def _search_backend(self):
         """The search tool, made on first use and kept for the process (cache connection, index, rate limiter).
-        Its cache is ARFT_SEARCH_CACHE, else a temporary copy for this process; either starts from the version's
+        Its cache is ARFT_SEARCH_CACHE, else a copy in this process's scratch; either starts from the version's
         cache (the evaluation's). The version's own folder is never written to (a local model is served in
         place)."""
         if self._search is None:
             from arft_core.search import make_backend
 
-            if os.environ.get(ENV_SEARCH_CACHE):
-                cache = Path(os.environ[ENV_SEARCH_CACHE]).resolve()
-            else:
-                self._scratch = tempfile.TemporaryDirectory(prefix="arft-serving-")  # removed with the model
-                cache = Path(self._scratch.name) / SEARCH_CACHE
+            scratch = self._root / "search"
+            cache = Path(os.environ[ENV_SEARCH_CACHE]).resolve() if os.environ.get(ENV_SEARCH_CACHE) \
+                else scratch / SEARCH_CACHE
             seed = self._shipped / SEARCH_CACHE if self._shipped else None
             if not cache.exists() and seed is not None and seed.is_file():
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(seed, cache)
             # Nothing shipped (a web backend, or the local one's files too large): relative paths go to scratch.
-            if self._shipped is None and self._scratch is None:
-                self._scratch = tempfile.TemporaryDirectory(prefix="arft-serving-")
-            root = self._shipped or Path(self._scratch.name)
-            self._search = make_backend(self.cfg.search.model_copy(update={"cache_path": str(cache)}), root)
+            scratch.mkdir(exist_ok=True)
+            self._search = make_backend(self.cfg.search.model_copy(update={"cache_path": str(cache)}),
+                                        self._shipped or scratch)
         return self._search
+
+
+def _error_record(error: str) -> dict:
+    """A row that did not run (or was stopped before its first turn): end "error", the reason its only turn."""
+    return {"pred_answer": None, "end": "error", "n_turns": 0,
+            "turns": [{"output": None, "action": None, "error": error, "observation": None}]}
+
+
+def _predictions(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame({"answer": pd.Series([r["pred_answer"] for r in records], dtype=object),
+                         "trajectory": [json.dumps(_trajectory(r["turns"]), ensure_ascii=False) for r in records],
+                         "end": [r["end"] for r in records],
+                         "n_turns": pd.Series([r["n_turns"] for r in records], dtype="int64")})
 
 
 class _FirstTurn:
@@ -146,10 +195,146 @@ class _FirstTurn:
     def __init__(self, inner, text: str):
         self.inner, self.text = inner, text
 
-    def generate(self, prompts):
+    def generate(self, prompts, deadline=None):
         later = [p for p in prompts if p.turn != 1]
-        generated = iter(self.inner.generate(later) if later else [])
+        extra = {"deadline": deadline} if deadline is not None else {}
+        generated = iter(self.inner.generate(later, **extra) if later else [])
         return [self.text if p.turn == 1 else next(generated) for p in prompts]
+
+
+# ---- serving limits
+ENV_SERVING = "ARFT_SERVING_"  # ARFT_SERVING_<FIELD>: a cap or the deadline of the `serving` section at serve time
+_SERVING_POLICY = ("allow_first_turn", "live_search")  # fixed when the model is logged: no override
+SCRATCH_PREFIX = "arft-serving-"  # a served process's scratch: arft-serving-<pid>-<start ticks>-<random>
+
+
+def serving_limits(recorded: dict, environ=None) -> ServingConfig:
+    """The logged `serving` section (serving.json; its defaults for a version logged without one), its caps and
+    deadline overridden by ARFT_SERVING_<FIELD> variables; ValueError naming the variable or field when a value
+    is not valid."""
+    from pydantic import ValidationError
+
+    from arft_core.config import ServingConfig
+
+    environ = os.environ if environ is None else environ
+    values, names = dict(recorded), {}
+    for field in ServingConfig.model_fields:
+        if field not in _SERVING_POLICY and environ.get(ENV_SERVING + field.upper()):
+            values[field], names[field] = environ[ENV_SERVING + field.upper()], ENV_SERVING + field.upper()
+    try:
+        return ServingConfig.model_validate(values)
+    except ValidationError as e:
+        where = "; ".join(f"{names.get(str(err['loc'][0])) or 'serving.' + str(err['loc'][0])}: {err['msg']} "
+                          f"(got {err.get('input')!r})" for err in e.errors())
+        raise ValueError(f"serving settings: {where}") from None
+
+
+def _check_request(df: pd.DataFrame, params: dict, limits: ServingConfig, logged_turns: int) -> int:
+    """The request-level caps (rows, bytes, max_turns, first_turn): an MlflowException that MLflow's scoring server
+    answers with HTTP 400 and its message. Returns the max_turns to run."""
+    from mlflow.exceptions import MlflowException
+
+    def refuse(message: str):
+        return MlflowException.invalid_parameter_value(message)
+
+    if len(df) > limits.max_rows:
+        raise refuse(f"{len(df)} rows in the request; serving.max_rows is {limits.max_rows}")
+    max_turns = params.get("max_turns")
+    max_turns = logged_turns if max_turns is None else int(max_turns)
+    if not 1 <= max_turns <= logged_turns:
+        raise refuse(f"max_turns {max_turns}: must be 1 to {logged_turns} (the logged agent.max_turns)")
+    first_turn = params.get("first_turn") or ""
+    if first_turn and not limits.allow_first_turn:
+        raise refuse("the first_turn parameter is off for this model (it was logged with "
+                     "serving.allow_first_turn: false)")
+    if len(first_turn) > limits.max_question_chars:
+        raise refuse(f"first_turn of {len(first_turn)} characters; serving.max_question_chars is "
+                     f"{limits.max_question_chars}")
+    size = len(first_turn.encode())
+    for column in ("question", "image", "task"):
+        if column in df.columns:
+            size += sum(len(v.encode()) if isinstance(v, str) else len(v) if isinstance(v, (bytes, bytearray)) else 0
+                        for v in df[column])
+    if size > limits.max_request_bytes:
+        raise refuse(f"a request of {size} bytes (questions, images, first_turn); serving.max_request_bytes is "
+                     f"{limits.max_request_bytes}")
+    return max_turns
+
+
+def prompt_tokens(processor, prompt) -> int:
+    """The tokens a model call's prompt takes: its chat text tokenized, each image placeholder counted as the
+    image tokens the processor would make of that image (its size read from the header, nothing decoded)."""
+    from PIL import Image
+
+    text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+    tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    merge = getattr(processor.image_processor, "merge_size", 1) ** 2
+    for path in prompt.images:
+        with Image.open(path) as im:
+            width, height = im.size
+        # One placeholder token in the text stands for the image's patches merged merge_size x merge_size.
+        tokens += processor.image_processor.get_number_of_image_patches(height, width, {}) // merge - 1
+    return tokens
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat, field 22): with the pid it names one
+    process, however pids are reused. None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _scratch_root() -> Path:
+    """This process's scratch folder (requests' images, the sandbox's folder, the search cache copy) in the
+    temporary folder, named by pid and start time; the folders of processes that are gone (killed, so nothing
+    removed them) are removed first."""
+    parent = Path(tempfile.gettempdir())
+    for folder in parent.glob(SCRATCH_PREFIX + "*"):
+        pid, _, rest = folder.name.removeprefix(SCRATCH_PREFIX).partition("-")
+        ticks = rest.partition("-")[0]
+        if pid.isdigit() and ticks and _start_ticks(int(pid)) != ticks:
+            shutil.rmtree(folder, ignore_errors=True)
+    me = os.getpid()
+    root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{me}-{_start_ticks(me) or 0}-", dir=parent))
+    root.chmod(0o711)  # the sandbox uid must traverse to its worker folder (SandboxPool's own is 0o711)
+    return root
+
+
+_ON_SIGTERM: list[Callable[[], Any]] = []  # removers of the loaded agents' scratch folders
+
+
+def _remove_on_sigterm(remove: Callable[[], Any]) -> None:
+    """Run `remove` when SIGTERM ends the process (atexit does not run then). uvicorn loads the app before it takes
+    SIGTERM for its graceful shutdown, and afterwards restores the handler found (this one) and raises SIGTERM
+    again: the scratch goes, then the process ends by SIGTERM as it would have. Installed only over the default
+    action, from the main thread."""
+    import signal
+    import threading
+
+    _ON_SIGTERM.append(remove)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    import signal
+
+    for remove in _ON_SIGTERM:
+        remove()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _stopping() -> str | None:
+    """Why the served process is stopping, else None. uvicorn's SIGTERM handler (its Server's bound handle_exit)
+    only sets `should_exit` and waits for the requests in flight; reading that flag lets a request stop at its next
+    check instead of holding the shutdown until its deadline."""
+    import signal
+
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return "the server is shutting down" if getattr(server, "should_exit", False) is True else None
 
 
 def _missing(value: Any) -> bool:
@@ -166,9 +351,9 @@ def _rows(df: pd.DataFrame):
                "coding" if _missing(task) or task == "" else str(task))
 
 
-def _env_item(k: int, question: str | None, image: Any, task: str, folder: Path):
+def _env_item(k: int, question: str | None, image: Any, task: str, folder: Path, limits: ServingConfig):
     """The row as an EnvItem with its image written to `folder` as sent (the evaluation reads the benchmark's own
-    file); ValueError when the row cannot be run."""
+    file); ValueError when the row cannot be run or breaks a cap of `limits` (question length, image pixels)."""
     from arft_core.agent import EnvItem
     from arft_core.protocol import TASKS
 
@@ -176,9 +361,12 @@ def _env_item(k: int, question: str | None, image: Any, task: str, folder: Path)
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if not question:
         raise ValueError("empty question")
+    if len(question) > limits.max_question_chars:
+        raise ValueError(f"a question of {len(question)} characters; serving.max_question_chars is "
+                         f"{limits.max_question_chars}")
     path = None
     if image is not None:
-        data, ext = _image_bytes(image)
+        data, ext = _image_bytes(image, limits.max_image_pixels)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"input.{ext}"
         path.write_bytes(data)
@@ -187,10 +375,11 @@ def _env_item(k: int, question: str | None, image: Any, task: str, folder: Path)
     return EnvItem(k, task, question, [], path, cjk=task == "coding")
 
 
-def _image_bytes(value: Any) -> tuple[bytes, str]:
+def _image_bytes(value: Any, max_pixels: int | None = None) -> tuple[bytes, str]:
     """(the image file's bytes, its format's extension) from the bytes of an image file, or from base64 text (a
     data URL too): MLflow decodes base64 for a binary column in `dataframe_split` / `dataframe_records` REST
-    input, not in `inputs` / `instances`."""
+    input, not in `inputs` / `instances`. ValueError for an image of more than `max_pixels`, known from its header
+    before anything is decoded (a few KB of PNG can decode to gigabytes)."""
     import base64
     import binascii
     import io
@@ -208,11 +397,16 @@ def _image_bytes(value: Any) -> tuple[bytes, str]:
     errors = []
     for data in tries:
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-                return data, (im.format or "png").lower()
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                width, height = im.size
+                if max_pixels is None or width * height <= max_pixels:
+                    im.verify()  # the chunks and their checksums, not the pixels
+                    return data, (im.format or "png").lower()
         except Exception as e:  # not an image: the next reading, else the row's error
             errors.append(f"{type(e).__name__}: {e}")
+            continue
+        raise ValueError(f"an image of {width} x {height} = {width * height} pixels; serving.max_image_pixels is "
+                         f"{max_pixels}")
     raise ValueError(f"the image is not a readable image file ({errors[0] if errors else 'not base64 text'})")
 
 
@@ -253,7 +447,7 @@ def model_files(model_dir: Path) -> list[Path]:
 def serving_settings(cfg: Config) -> dict:
     """What the agent loop needs at serving time (serving.json): the agent section resolved for train.mode, the
     evaluation's generation settings (`generation_eval`) and engine, the model's dtype and pixel budget, the sandbox and
-    search sections (key names only: keys come from the environment)."""
+    search sections (key names only: keys come from the environment), and the serving caps and policy."""
     from arft_core.evaluation import generation_eval
 
     return {"format": SETTINGS_FORMAT, "train_mode": cfg.train.mode,
@@ -262,7 +456,8 @@ def serving_settings(cfg: Config) -> dict:
             "rollout": cfg.rollout.model_dump(mode="json"),
             "model": cfg.model.model_dump(mode="json", include={"dtype", "min_pixels", "max_pixels"}),
             "sandbox": cfg.sandbox.model_dump(mode="json"),
-            "search": cfg.search.model_dump(mode="json")}
+            "search": cfg.search.model_dump(mode="json"),
+            "serving": cfg.serving.model_dump(mode="json")}
 
 
 def _search_files(cfg: Config, folder: Path, search: dict) -> None:
@@ -308,7 +503,8 @@ def _search_files(cfg: Config, folder: Path, search: dict) -> None:
 
 def agent_signature(max_turns: int):
     """Inputs `question` (string), `image` (binary, optional), `task` (string, optional); params `first_turn`
-    (string, default "") and `max_turns` (long, default the logged agent.max_turns); outputs `answer` (string,
+    (string, default "", refused unless serving.allow_first_turn) and `max_turns` (long, default and cap the logged
+    agent.max_turns); outputs `answer` (string,
     optional), `trajectory` (string), `end` (string), `n_turns` (long)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema

@@ -61,7 +61,9 @@ def registered(tmp_path_factory):
     docs = [{"id": "eiffel", "title": "Eiffel Tower", "text": "The Eiffel Tower in Paris is 330 metres tall."},
             {"id": "otter", "title": "Otter", "text": "Otters are semiaquatic mammals."}]
     (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    cfg = load_config(write_params(root, {"search": {"corpus_path": "corpus.jsonl"}}))
+    # A scripted first turn and searches of the shipped index (recorded): both off unless logged so.
+    cfg = load_config(write_params(root, {"search": {"corpus_path": "corpus.jsonl"},
+                                          "serving": {"allow_first_turn": True, "live_search": True}}))
     # The evaluation's search cache (the serving cache's seed): one answer that no corpus search would give.
     cache = SearchCache(cfg.path("eval_search_cache"))
     cache.put("local", CACHED_QUERY, cfg.search.top_k,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from arft_core.agent.rollout import Prompt
+from arft_core.agent.rollout import Deadline, Prompt
 from arft_core.config import EvalConfig, RolloutConfig
 from arft_core.protocol import STOP_SEQUENCES
 
@@ -69,7 +69,9 @@ class HFGenerator:
         self.calls = 0
         self._stop = None  # built once: transformers' StopStringCriteria takes ~2 s to index a 151k vocabulary
 
-    def generate(self, prompts: Sequence[Prompt]) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt], deadline: Deadline | None = None) -> list[str]:
+        """One completion per prompt; with a `deadline`, decoding stops at the first step after it expires and the
+        batches not yet started are skipped (their completions are empty)."""
         import torch
         from PIL import Image
 
@@ -81,8 +83,14 @@ class HFGenerator:
         if self._stop is None and self.stop_sequences:
             self._stop = StoppingCriteriaList([StopStringCriteria(tok, list(self.stop_sequences))])
         outputs: list[str] = []
+        stopping = self._stop
+        if deadline is not None:
+            stopping = StoppingCriteriaList([*(self._stop or []), _DeadlineCriteria(deadline)])
         for start in range(0, len(prompts), self.cfg.batch_size):
             batch = prompts[start:start + self.cfg.batch_size]
+            if deadline is not None and deadline.expired():
+                outputs += [""] * len(batch)
+                continue
             texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
                      for p in batch]
             images = [Image.open(path).convert("RGB") for p in batch for path in p.images]
@@ -90,7 +98,7 @@ class HFGenerator:
             inputs = inputs.to(self.model.device)
             d = self.decoding
             gen = dict(max_new_tokens=self.max_new_tokens, do_sample=d["do_sample"],
-                       repetition_penalty=d["repetition_penalty"], stopping_criteria=self._stop,
+                       repetition_penalty=d["repetition_penalty"], stopping_criteria=stopping,
                        pad_token_id=tok.pad_token_id)
             if d["do_sample"]:  # all three, so that none of the checkpoint's stays in force unseen
                 gen.update(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
@@ -134,7 +142,9 @@ class VLLMGenerator:
             repetition_penalty=d["repetition_penalty"], stop=list(self.stop_sequences) or None,
             include_stop_str_in_output=True, seed=self.cfg.seed)
 
-    def generate(self, prompts: Sequence[Prompt]) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt], deadline: Deadline | None = None) -> list[str]:
+        """One completion per prompt; vLLM's call is not interrupted: a `deadline` is checked between turns by
+        the loop (a call is bounded by max_new_tokens)."""
         conversations = []
         for p in prompts:
             images = iter(p.images)
@@ -147,6 +157,20 @@ class VLLMGenerator:
             conversations.append(conv)
         results = self.llm.chat(conversations, self._params(), use_tqdm=False)
         return [cut_at_stop(r.outputs[0].text, self.stop_sequences) for r in results]
+
+
+class _DeadlineCriteria:
+    """A transformers stopping criterion: every sequence is done once the deadline has expired (checked after
+    each decode step), so that a request past its deadline frees the model within one step."""
+
+    def __init__(self, deadline: Deadline):
+        self.deadline = deadline
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.deadline.expired() is not None, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 def _data_url(path: Path) -> str:

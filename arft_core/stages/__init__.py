@@ -67,7 +67,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("train",)),
     # train.preset and train_presets: a preset also sets eval and agent values (the paper's decoding and protocol).
     Stage("evaluate", evaluate_stage, ("eval", "rollout", "agent", "search", "sandbox", "model", "train",
-                                       "train_presets"),
+                                       "train_presets", "serving"),
           ("evaluate",)),
     Stage("register", register_stage, ("tracking", "eval", "rollout", "agent", "search", "train", "train_presets",
                                        "model"),
