@@ -3,24 +3,106 @@
 An interface module: it parses arguments and prints; the work is in arft_core.stages (via the Prefect flows). The
 stage commands are made from the stage registry (`arft_core.stages.STAGES`: each stage's command words and help);
 dvc.yaml's `cmd` of a stage is its command here.
+
+Failures: every command ends a known failure (`_KNOWN_ERRORS`: a bad config, a locked or corrupted MLflow store, a
+failed stage, a busy project...) with one `error:` line and exit 1, from one handler at the root (`_Root.invoke`);
+Prefect's console logs drop their tracebacks too. `arft --debug <command>` (or ARFT_DEBUG=1) shows them all.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+import click
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from arft_core.stages import STAGES, Stage
 
+DEBUG_ENV = "ARFT_DEBUG"
+
+
+# Failures with a message for the user, not a bug: shown as one `error:` line. By module and name, so that nothing
+# is imported to check: an exception of a class whose module was never imported cannot have been raised.
+_KNOWN_ERRORS = (
+    ("arft_core.config", "ConfigError"), ("arft_core.tracking", "TrackingStoreError"),
+    ("flows.pipeline", "StageFailed"), ("flows.session", "PipelineBusy"),
+    ("arft_core.validation", "ValidationFailed"), ("arft_core.search.base", "SearchError"),
+    ("arft_core.sandbox.pool", "SandboxError"), ("arft_core.stack", "StackError"),
+    ("mlflow.exceptions", "MlflowException"),
+    ("dvc.exceptions", "DvcException"),  # DVC's own errors are written for its users (not a DVC repository...)
+)
+
+
+def _known_error(exc: BaseException) -> bool:
+    return any(isinstance(exc, getattr(sys.modules[module], name)) for module, name in _KNOWN_ERRORS
+               if module in sys.modules)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class _Root(typer.core.TyperGroup):
+    """The `arft` group: the one place where a known failure of any command becomes its `error:` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if _debug() or not _known_error(exc):
+                raise  # a bug (or --debug): the whole traceback
+            _fail(str(exc))
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats like `inner`, leaving out the exception's traceback (its one-line summary stays in the message)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None  # for this handler only: restored below
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+class _QuietPrefectConsole(logging.Filter):
+    """Prefect prints a failed flow or task run's traceback on the console before the exception reaches `_Root`.
+    Prefect configures its handlers on import, which most commands never do: so on the first record of a Prefect
+    logger, its console handlers stop printing tracebacks (the API handler keeps them, for the Prefect UI)."""
+
+    LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        loggers = [logging.getLogger(name) for name in self.LOGGERS] + [logging.getLogger()]
+        for handler in {h for logger in loggers for h in logger.handlers}:
+            if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(handler.formatter,
+                                                                                    _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
+        return True
+
+
+_QUIET_PREFECT = _QuietPrefectConsole()  # one instance: adding it again (each in-process invocation) is a no-op
+
+
 app = typer.Typer(help="arft: Visual Agentic Reinforcement Fine-Tuning pipeline.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=_Root)
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -28,35 +110,38 @@ ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to use (de
                             "directory upwards).")
 
 
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV, help="Show the full traceback of a "
+                                     "failure (also in Prefect's logs and in the stage commands the pipeline "
+                                     "runs), instead of one `error:` line.")) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # inherited by the stage commands that `arft pipeline` starts
+        return
+    for name in _QuietPrefectConsole.LOGGERS:
+        logging.getLogger(name).addFilter(_QUIET_PREFECT)
+
+
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
 def _config(params: Optional[Path]):
-    """The typed config, or a clean exit naming what is wrong with params.yaml."""
-    from arft_core.config import ConfigError, load_config
+    """The typed config (a ConfigError ends the command with its `error:` line, at the root)."""
+    from arft_core.config import load_config
 
-    try:
-        return load_config(params)
-    except ConfigError as exc:
-        _fail(str(exc))
+    return load_config(params)
 
 
 def _run_stage(stage: str, params: Optional[Path]) -> None:
     """Run a stage through its Prefect flow; a known failure is one clean error line (exit 1)."""
-    from mlflow.exceptions import MlflowException
-
-    from arft_core.config import ConfigError
-    from arft_core.tracking import TrackingStoreError
-    from arft_core.validation import ValidationFailed
     from flows.stages import STAGE_FLOWS
 
     cfg = _config(params)  # a config error ends here, in a second, before Prefect starts a server and a flow run
     try:
         summary = STAGE_FLOWS[stage](params=str(params) if params else None)
-    except (ConfigError, ValidationFailed, FileNotFoundError, ValueError, TrackingStoreError, MlflowException) as exc:
-        _fail(str(exc))  # (MlflowException: e.g. promote before any candidate is registered)
+    except (FileNotFoundError, ValueError) as exc:  # a stage's missing or bad input (the rest: `_Root`)
+        _fail(str(exc))
     console.print(f"[green]{stage} done[/]: {json.dumps(summary)}", highlight=False)
     report = STAGES[stage].report
     if report:
@@ -128,17 +213,13 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
     """Run the whole chain (dvc.yaml's stages in order, unchanged stages skipped) as one Prefect flow run. With a
     params file other than the project's params.yaml, DVC cannot tell what changed: every stage runs, in this
     process, and dvc.lock is left untouched."""
-    from arft_core.config import ConfigError, load_config
-    from flows.pipeline import StageFailed, pipeline_flow, prefect_api
-    from flows.session import PipelineBusy, pipeline_session
+    from flows.pipeline import pipeline_flow, prefect_api
+    from flows.session import pipeline_session
 
-    try:
-        cfg = load_config(params)
-        with pipeline_session(cfg), prefect_api() as api:
-            console.print(f"Prefect API: {api}", highlight=False)
-            result = pipeline_flow(params=str(cfg.source))
-    except (ConfigError, StageFailed, PipelineBusy) as exc:
-        _fail(str(exc))
+    cfg = _config(params)
+    with pipeline_session(cfg), prefect_api() as api:
+        console.print(f"Prefect API: {api}", highlight=False)
+        result = pipeline_flow(params=str(cfg.source))
     uri = cfg.tracking_uri()
     console.rule("arft pipeline finished")
     for stage, status in result["stages"].items():
@@ -160,17 +241,13 @@ def pipeline(params: Optional[Path] = ParamsOption) -> None:
 def retrain(params: Optional[Path] = ParamsOption) -> None:
     """One retraining run, as the schedule fires it: skip when no input changed, else run the chain (promotion
     included) and record the new dvc.lock."""
-    from arft_core.config import ConfigError
-    from flows.pipeline import StageFailed, prefect_api
+    from flows.pipeline import prefect_api
     from flows.retrain import retrain_flow
-    from flows.session import PipelineBusy, pipeline_session
+    from flows.session import pipeline_session
 
     cfg = _config(params)
-    try:
-        with pipeline_session(cfg), prefect_api():
-            result = retrain_flow(params=str(cfg.source))
-    except (ConfigError, StageFailed, PipelineBusy) as exc:
-        _fail(str(exc))
+    with pipeline_session(cfg), prefect_api():
+        result = retrain_flow(params=str(cfg.source))
     typer.echo(json.dumps(result))
 
 
@@ -211,16 +288,14 @@ def search_cmd(query: str = typer.Argument(..., help="What to search for."),
     """Search with the configured tool (through the cache) and print the results as JSON."""
     from dataclasses import asdict
 
-    from arft_core.config import ConfigError, load_config
-    from arft_core.search import SearchError
     from arft_core.stages.data import open_search
 
+    cfg = _config(params)
     try:
-        cfg = load_config(params)
         updates = {k_: v for k_, v in (("backend", backend), ("mode", mode), ("top_k", k)) if v is not None}
         cfg.search = type(cfg.search).model_validate({**cfg.search.model_dump(), **updates})
         results = open_search(cfg).search(query, cfg.search.top_k)
-    except (ConfigError, SearchError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # (a SearchError: `_Root`)
         _fail(str(exc))
     typer.echo(json.dumps([asdict(r) for r in results], ensure_ascii=False))
 
@@ -382,13 +457,10 @@ def stages_cmd(write_deps: bool = typer.Option(False, "--write-deps", help="Rewr
 def show_config(params: Optional[Path] = ParamsOption,
                 values: bool = typer.Option(False, "--values", help="Print the resolved values of params.yaml.")) -> None:
     """Document every params.yaml key (default and help), or print the resolved values."""
-    from arft_core.config import ConfigError, describe, load_config
+    from arft_core.config import describe
 
     if values:
-        try:
-            console.print_json(json.dumps(load_config(params).model_dump(mode="json")))
-        except ConfigError as exc:
-            _fail(str(exc))
+        console.print_json(json.dumps(_config(params).model_dump(mode="json")))
         return
     table = Table("key", "default", "help")
     for key, default, help_text in describe():
@@ -489,13 +561,7 @@ app.add_typer(stack_app, name="stack")
 
 
 def _stack(action, params: Optional[Path], **kwargs):
-    from arft_core.stack import StackError
-
-    cfg = _config(params)
-    try:
-        return action(cfg, **kwargs)
-    except StackError as exc:
-        _fail(str(exc))
+    return action(_config(params), **kwargs)
 
 
 @stack_app.command("up")

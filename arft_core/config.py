@@ -1007,12 +1007,11 @@ def load_config(params: str | Path | None = None) -> Config:
         path = path / PARAMS_FILE
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
+    text = path.read_text()
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML error: {'; '.join(filter(None, (err.context, err.problem)))}") from None
+        raise _yaml_error(path, text, err) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
     if not isinstance(raw, dict):
@@ -1025,6 +1024,55 @@ def load_config(params: str | Path | None = None) -> Config:
     if errors:
         raise ConfigError("\n".join([f"{path}: invalid configuration", *(_error_line(*e) for e in errors)]))
     return cfg
+
+
+def _yaml_error(path: Path, text: str, err: yaml.MarkedYAMLError) -> ConfigError:
+    """The error at the line where PyYAML noticed it, then the lines that explain it, each quoted: the context line
+    (e.g. the key that lacks its `:`, one line above) and the last value read before the error when it starts on an
+    earlier line: a quoted string left open (noticed only where a later quote happens to close it), or a key
+    without its `:` (read as a value, whose words may run into the next line's key)."""
+    mark = err.problem_mark or err.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    head = f"{where}: YAML error: {'; '.join(filter(None, (err.context, err.problem)))}"
+    notes: dict[int, list[str]] = {}
+    if err.context_mark is not None and err.context:
+        notes.setdefault(err.context_mark.line, []).append(err.context)
+    if err.problem_mark is not None:
+        before = _value_before(text, err.problem_mark, isinstance(err, yaml.parser.ParserError))
+        if before is not None:
+            notes.setdefault(before[0], []).append(before[1])
+        notes.setdefault(err.problem_mark.line, []).append(err.problem or "the problem")
+    if len(notes) < 2:  # all on the line of the head: nothing to add
+        return ConfigError(head)
+    lines = text.splitlines()
+    shown = [f"  line {n + 1}: {lines[n][:100]!r} ({'; '.join(why)})" for n, why in sorted(notes.items())
+             if n < len(lines)]
+    return ConfigError("\n".join([head, *shown]))
+
+
+def _value_before(text: str, mark: yaml.Mark, parser_error: bool) -> tuple[int, str] | None:
+    """(line, note) for the last value read before `mark` when it starts on an earlier line and is the likely
+    culprit: one that runs on over several lines (an unclosed quote, a key missing its `:`), or any value the
+    parser accepted just before it failed (e.g. `key value  # comment`, a key missing its `:`)."""
+    last = None
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if token.end_mark.index > mark.index:
+                break
+            if isinstance(token, yaml.ScalarToken):
+                last = token
+    except yaml.YAMLError:  # the scanner stops at its own error; what it read before is enough
+        pass
+    if last is None or last.start_mark.line >= mark.line:
+        return None
+    line, end, runs_on = last.start_mark.line, mark.line + 1, last.end_mark.line > last.start_mark.line
+    if runs_on and last.style in ('"', "'"):
+        return line, f"a quoted string opens here and runs on to line {end}: is its closing quote missing?"
+    if runs_on:
+        return line, f"a value starts here and runs on to line {end}: is a `:` missing after the key?"
+    if parser_error:
+        return line, f"the last value before line {end}: is a `:` missing after the key?"
+    return None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -248,6 +248,51 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path):
     assert "found character '\\t' that cannot start any token" in message and "<unicode string>" not in message
 
 
+def test_yaml_missing_colon_names_the_broken_line(tmp_path: Path):
+    """PyYAML notices a key without its `:` one line later; the message quotes the line it belongs to (issue 26)."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    n = next(i for i, ln in enumerate(lines) if ln.startswith("  learning_rate:"))
+    lines[n] = lines[n].replace(":", "", 1)
+    message = load_error(tmp_path, text="\n".join(lines) + "\n")
+    assert message.splitlines() == [
+        f"{tmp_path / 'params.yaml'}:{n + 2}:3: YAML error: while scanning a simple key; could not find expected ':'",
+        f"  line {n + 1}: {lines[n][:100]!r} (while scanning a simple key)",
+        f"  line {n + 2}: {lines[n + 1][:100]!r} (could not find expected ':')",
+    ]
+
+
+def test_yaml_missing_colon_on_a_sections_first_key_names_the_broken_line(tmp_path: Path):
+    """The first key of a section (here with a comment after it): PyYAML takes the line for the section's value
+    and reports only the next line, with the section's start as the context."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    n = next(i for i, ln in enumerate(lines) if ln.startswith("train:")) + 1
+    while not lines[n].strip() or lines[n].lstrip().startswith("#"):
+        n += 1
+    lines[n] = lines[n].replace(":", "", 1)
+    message = load_error(tmp_path, text="\n".join(lines) + "\n")
+    head, *shown = message.splitlines()
+    assert head == (f"{tmp_path / 'params.yaml'}:{n + 2}:3: YAML error: while parsing a block mapping; expected "
+                    "<block end>, but found '<block mapping start>'")
+    note = f"the last value before line {n + 2}: is a `:` missing after the key?"
+    assert f"  line {n + 1}: {lines[n][:100]!r} ({note})" in shown
+
+
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_yaml_unclosed_quote_names_the_broken_line(tmp_path: Path, quote: str):
+    """An unclosed quote is noticed where a later quote closes it, lines further down: the message names the line
+    where the string opens (issue 26)."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    n = next(i for i, ln in enumerate(lines) if ln.startswith("  max_prompt_tokens:"))
+    lines[n] = lines[n].replace(": ", ": " + quote, 1)
+    message = load_error(tmp_path, text="\n".join(lines) + "\n")
+    head, *shown = message.splitlines()
+    noticed = int(head.split(":")[1])  # the line PyYAML reports: past the broken one
+    assert noticed > n + 1 and head.startswith(f"{tmp_path / 'params.yaml'}:{noticed}:")
+    assert (f"  line {n + 1}: {lines[n][:100]!r} (a quoted string opens here and runs on to line {noticed}: is its "
+            "closing quote missing?)") in shown
+    assert shown[-1].startswith(f"  line {noticed}: {lines[noticed - 1][:100]!r} (expected <block end>, but found")
+
+
 def test_duplicate_yaml_key_is_an_error(tmp_path: Path):
     text = (ROOT / "params.yaml").read_text() + "train:\n  max_steps: 2\n"
     message = load_error(tmp_path, text=text)
