@@ -38,6 +38,7 @@ _KNOWN_ERRORS = (
     ("flows.pipeline", "StageFailed"), ("flows.session", "PipelineBusy"),
     ("arft_core.validation", "ValidationFailed"), ("arft_core.search.base", "SearchError"),
     ("arft_core.sandbox.pool", "SandboxError"), ("arft_core.stack", "StackError"),
+    ("arft_core.integrity", "IntegrityError"),
     ("mlflow.exceptions", "MlflowException"),
     ("dvc.exceptions", "DvcException"),  # DVC's own errors are written for its users (not a DVC repository...)
 )
@@ -633,22 +634,17 @@ def serve_cmd(model: str = typer.Argument(..., help="Registered version to serve
 
     import mlflow
 
-    from arft_core.integrity import IntegrityError, download_verified
-    from arft_core.tracking import TrackingStoreError, store_errors
+    from arft_core.integrity import download_verified
+    from arft_core.tracking import store_errors
 
     if not model.startswith("models:/"):
         _fail(f"{model}: not a models:/ URI (a local folder is served by `mlflow models serve -m FOLDER`)")
     cfg = _config(params)
     scratch = Path(tempfile.mkdtemp(prefix="arft-serve-"))
     try:
-        try:
-            mlflow.set_tracking_uri(cfg.tracking_uri())
-            with store_errors():
-                folder = download_verified(model, scratch)
-        except (IntegrityError, TrackingStoreError, ValueError) as exc:
-            _fail(str(exc))
-        except Exception as exc:  # MlflowException: an unknown name, alias or version
-            _fail(f"{model}: {exc}")
+        mlflow.set_tracking_uri(cfg.tracking_uri())
+        with store_errors():  # an IntegrityError names the changed file (`_Root` prints it)
+            folder = download_verified(model, scratch)
         err.print(f"{model}: every file matches its logged manifest; serving on http://{host}:{port}")
         # `mlflow models serve` execs uvicorn from PATH: this environment's bin first.
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
