@@ -5,8 +5,10 @@ Natively, each container host name becomes a loopback port, and each image a loc
 Debian's PostgreSQL server, `minio` an S3 server (moto; its objects are saved in the stack's folder from a `down`
 to the next `up`), `minio-buckets` creates the same buckets through the S3 API, and the services with an `mlflow`
 or `prefect` command run that command with this environment's Python.
-Secrets come from the environment, as compose's `${VAR:?}` takes them; they reach a service through its environment,
-never its command line, the state file or a log line of ours.
+Secrets come from the environment, as compose's `${VAR:?}` takes them; they reach a service through its environment
+(or a 0600 file of compose's `configs`), never its command line, the state file or a log line of ours. A service gets
+only the secrets compose gives it: its environment is the shell's minus every secret and client setting, plus its own
+compose `environment`. The S3 server (`serve_s3`) accepts only the stack's key and has no admin API.
 
 Every process of the stack carries STACK_MARKER=<home> in its environment (inherited by what it starts, e.g. a
 worker's flow runs), so `down` finds and stops all of them, and `leftovers` can prove it did.
@@ -36,6 +38,10 @@ COMPOSE_FILE = Path("infra/compose.yaml")
 STACK_MARKER = "ARFT_STACK_HOME"
 STATE_FILE = "stack.json"
 _VAR = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+# A variable holding a credential: required ones (`${VAR:?}`) and, by name, optional ones such as SERPER_API_KEY.
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|AUTH_STRING|CREDENTIAL|PRIVATE_KEY")
+# Client settings of the shell that must not reach a service (it would talk to another stack, or as another user).
+_CLIENT_SETTING = re.compile(r"^(AWS_|MLFLOW_TRACKING_|MLFLOW_S3_|PREFECT_API_|PG[A-Z]+$)")
 
 
 class StackError(RuntimeError):
@@ -47,13 +53,15 @@ class Service:
     """One compose service as a local process: `argv` with `env`, answering on `port` (None: no port)."""
 
     name: str
-    kind: str  # postgres | s3 | buckets | command
+    kind: str  # postgres | s3 | buckets | command | oneshot (a command run to completion on every `up`)
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int | None = None
     cwd: Path | None = None
     health: str | None = None  # URL that answers once the service is up
     secrets: set[str] = field(default_factory=set)  # names of the environment variables holding secrets
+    secret_vars: set[str] = field(default_factory=set)  # the shell's secret variables they come from
+    files: dict[str, str] = field(default_factory=dict)  # compose `configs` written (0600) before it starts
 
 
 @dataclass
@@ -102,11 +110,19 @@ def _interpolate(value: str, where: str, missing: list[str]) -> str:
 
 
 def _published(service: dict) -> tuple[int, int] | None:
-    """(host port, container port) of the service's first published port."""
+    """(host port, container port) of the service's first published port (`[address:]host:container`; natively
+    every service listens on stack.host whatever the address)."""
     for spec in service.get("ports", []):
-        host, _, container = str(spec).rpartition(":")
-        return int(host or container), int(container)
+        parts = _interpolate(str(spec), "ports", []).split(":")
+        return int(parts[-2] if len(parts) > 1 else parts[-1]), int(parts[-1])
     return None
+
+
+def secret_variables(compose: dict) -> set[str]:
+    """The shell variables compose takes secrets from: every required one (`${VAR:?}`) and any whose name says it
+    is a credential."""
+    text = yaml.safe_dump(compose)
+    return {m.group(1) for m in _VAR.finditer(text) if m.group(2) == "?" or SECRET_NAME.search(m.group(1))}
 
 
 def _topological(services: dict) -> list[str]:
@@ -138,6 +154,8 @@ def _kind(service: dict) -> str:
         return "buckets"
     if program in ("mlflow", "prefect"):
         return "command"
+    if program == "python":  # a one-shot script (mlflow-users): this environment's Python runs it
+        return "oneshot"
     raise StackError(f"{COMPOSE_FILE}: no local equivalent for a service with image {image!r} and program "
                      f"{program!r}")
 
@@ -175,19 +193,31 @@ def plan(cfg: Config, secrets: bool = True) -> Plan:
 
     home = (cfg.root / st.home).resolve()
     workdir = Path(cfg.retrain.workdir) if cfg.retrain.workdir else cfg.root.resolve()
+    secret_vars = secret_variables(compose)
     missing: list[str] = []
     out = []
     for name in _topological(services):
         service = services[name]
         kind = _kind(service)
-        env = {k: local(_interpolate(str(v), f"{name}.environment.{k}", missing))
-               for k, v in (service.get("environment") or {}).items()}
-        secret_keys = {k for k, v in (service.get("environment") or {}).items()
-                       if any(m.group(2) == "?" for m in _VAR.finditer(str(v)))}
+        raw = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+        env = {k: local(_interpolate(v, f"{name}.environment.{k}", missing)) for k, v in raw.items()}
+        used = {k: {m.group(1) for m in _VAR.finditer(v)} & secret_vars for k, v in raw.items()}
+        svc = Service(name, kind, env=env, port=ports.get(name), secrets={k for k, v in used.items() if v},
+                      secret_vars=set().union(*used.values()))
+        # compose `configs` (e.g. MLflow's basic_auth.ini): a file in stack.home; the container path in the
+        # service's environment becomes that file.
+        for mount in service.get("configs") or []:
+            source, target = (mount["source"], mount["target"]) if isinstance(mount, dict) else (mount, f"/{mount}")
+            content = str(compose.get("configs", {}).get(source, {}).get("content", ""))
+            svc.secret_vars |= {m.group(1) for m in _VAR.finditer(content)} & secret_vars
+            path = str(home / "configs" / name / Path(target).name)
+            svc.files[path] = local(_interpolate(content, f"configs.{source}", missing))
+            svc.env = {k: path if v == target else v for k, v in svc.env.items()}
         command = service.get("command") or []
         argv = command.split() if isinstance(command, str) else [str(a) for a in command]
         argv = [local(_interpolate(a, f"{name}.command", missing)) for a in argv]
-        svc = Service(name, kind, env=env, port=ports.get(name), secrets=secret_keys)
+        if kind == "oneshot":
+            svc.argv, svc.cwd = [sys.executable, *argv[1:]], home
         if kind == "command":
             svc.argv = _local_command(argv, st.host, svc.port)
             svc.cwd = workdir if "working_dir" in service else home
@@ -286,8 +316,12 @@ def _as_postgres_user(folder: Path) -> list[str]:
 
 
 def _base_env(p: Plan) -> dict[str, str]:
-    # Client settings of the shell are not the services' (a server must not talk to another stack).
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    """What every service starts from: the shell's environment without any secret (compose's variables, anything
+    named like a credential) and without client settings (a server must not talk to another stack, or as another
+    user); each service then gets its own compose `environment`, as in a container."""
+    drop = {m.group(1) for m in _VAR.finditer(yaml.safe_dump(p.compose))}
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not SECRET_NAME.search(k) and not _CLIENT_SETTING.match(k)}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env[STACK_MARKER] = str(p.home)
     return env
@@ -376,16 +410,73 @@ def _start_postgres(p: Plan, svc: Service, env: dict[str, str], timeout: float) 
             done = subprocess.run(step, env=client, capture_output=True, text=True)
             if done.returncode != 0:
                 raise StackError(f"postgres: {' '.join(step[-2:])} failed: {done.stderr.strip()}")
+    else:  # a stack.home from before a database was added to the init scripts (e.g. mlflow_auth): create it
+        psql = [str(bindir / "psql"), "-h", p.host, "-p", str(svc.port), "-U", user, "-d", "postgres", "-q", "-t", "-A"]
+        client = {**env, "PGPASSWORD": password}
+        have = set(subprocess.run([*psql, "-c", "SELECT datname FROM pg_database"], env=client, capture_output=True,
+                                  text=True).stdout.split())
+        for volume in p.compose["services"][svc.name].get("volumes", []):
+            source, _, target = str(volume).partition(":")
+            if target.startswith("/docker-entrypoint-initdb.d/") and source.endswith(".sql"):
+                for db in re.findall(r"CREATE DATABASE (\w+)", (p.compose_dir / source).read_text()):
+                    if db not in have:
+                        subprocess.run([*psql, "-c", f'CREATE DATABASE "{db}"'], env=client, capture_output=True)
     return entry
 
 
-def _s3(p: Plan, svc: Service):
-    """A boto3 client of the S3 service `svc` (moto accepts the credentials compose gives MinIO)."""
+def _s3(p: Plan, svc: Service, proc=None):
+    """A boto3 client of the S3 service `svc`, with the key compose gives MinIO (the only one it accepts). `down`
+    may run without the secrets: then the key is read from the running server's environment (`proc`), which the
+    user stopping it can read anyway."""
     import boto3
 
+    env = svc.env
+    if not env.get("MINIO_ROOT_PASSWORD") and proc is not None:
+        env = proc.environ()
     return boto3.client("s3", endpoint_url=p.url(svc.name), region_name="us-east-1",
-                        aws_access_key_id=svc.env.get("MINIO_ROOT_USER") or "arft",
-                        aws_secret_access_key=svc.env.get("MINIO_ROOT_PASSWORD") or "unset")  # (down: not needed)
+                        aws_access_key_id=env.get("MINIO_ROOT_USER") or "arft",
+                        aws_secret_access_key=env.get("MINIO_ROOT_PASSWORD") or "unset")
+
+
+S3_USER = "arft-stack"
+
+
+def serve_s3(host: str, port: int) -> None:
+    """The native stack's S3 server: moto with an IAM check on every request, where the only key is the one compose
+    gives MinIO (MINIO_ROOT_USER / MINIO_ROOT_PASSWORD, set up in this process before it listens); its admin API
+    (/moto-api: reset or dump every bucket) answers 403 and no response allows another origin (no CORS)."""
+    import json
+
+    key_id, secret = os.environ.get("MINIO_ROOT_USER"), os.environ.get("MINIO_ROOT_PASSWORD")
+    if not key_id or not secret:
+        raise SystemExit("serve_s3: MINIO_ROOT_USER and MINIO_ROOT_PASSWORD must be set")
+    os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # read by moto.settings at import: check from the first request
+    os.environ["MOTO_DISABLE_GLOBAL_CORS"] = "true"
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.iam.models import iam_backends
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import run_simple
+
+    iam = iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    iam.create_user("us-east-1", S3_USER)
+    key = iam.create_access_key(S3_USER)
+    iam.access_keys.pop(key.physical_resource_id, None)
+    key.access_key_id, key.secret_access_key = key_id, secret  # moto generates keys; the stack's is given
+    iam.access_keys[key.physical_resource_id] = key
+    iam.put_user_policy(S3_USER, "s3", json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def guarded(environ, start_response):
+        if environ.get("PATH_INFO", "").startswith("/moto-api"):
+            start_response("403 Forbidden", [("Content-Type", "text/plain")])
+            return [b"no admin API on the stack's S3 server\n"]
+        if "HTTP_AUTHORIZATION" not in environ:  # unsigned (or presigned): moto would fail with a 500
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [b"<Error><Code>AccessDenied</Code><Message>requests must be signed</Message></Error>"]
+        return app(environ, start_response)
+
+    run_simple(host, port, guarded, threaded=True)
 
 
 def _create_buckets(p: Plan, svc: Service) -> None:
@@ -400,8 +491,8 @@ def _create_buckets(p: Plan, svc: Service) -> None:
 
 # moto holds its objects in memory; the stack keeps them in stack.home/s3/<bucket>/<key> between a `down` and the
 # next `up`, as compose's MinIO volume does.
-def _save_objects(p: Plan, svc: Service) -> int:
-    s3, folder = _s3(p, svc), p.home / "s3"
+def _save_objects(p: Plan, svc: Service, proc=None) -> int:
+    s3, folder = _s3(p, svc, proc), p.home / "s3"
     staging = p.home / "s3.saving"
     shutil.rmtree(staging, ignore_errors=True)
     count = 0
@@ -445,18 +536,26 @@ def up(cfg: Config, echo=print) -> Plan:
     timeout = cfg.stack.start_timeout_s
     for svc in p.services:
         entry = state["services"].get(svc.name)
-        if svc.kind != "buckets" and _alive(entry):
+        if svc.kind not in ("buckets", "oneshot") and _alive(entry):
             echo(f"{svc.name}: running (pid {entry['pid']})")
             continue
         env = {**env0, **svc.env}
+        for path, content in svc.files.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).touch(mode=0o600)
+            Path(path).write_text(content)
         if svc.kind == "postgres":
             entry = _start_postgres(p, svc, env, timeout)
         elif svc.kind == "buckets":
             _create_buckets(p, svc)
             echo(f"{svc.name}: buckets {svc.env.get('BUCKETS', '').split()} ready")
             continue
+        elif svc.kind == "oneshot":
+            _run_oneshot(p, svc, env, timeout)
+            echo(f"{svc.name}: done")
+            continue
         elif svc.kind == "s3":
-            entry = _spawn(p, svc, [sys.executable, "-m", "moto.server", "-H", p.host, "-p", str(svc.port)],
+            entry = _spawn(p, svc, [sys.executable, "-m", "arft_core.stack", "serve-s3", p.host, str(svc.port)],
                            env, p.home)
             _wait(p, svc, entry, lambda: _answers(svc.health), timeout)
             if (p.home / "s3").is_dir():
@@ -475,13 +574,26 @@ def up(cfg: Config, echo=print) -> Plan:
     return p
 
 
+def _run_oneshot(p: Plan, svc: Service, env: dict[str, str], timeout: float) -> None:
+    log = p.home / "logs" / f"{svc.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        try:
+            done = subprocess.run(svc.argv, env=env, cwd=svc.cwd or p.home, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise StackError(f"{svc.name}: not done in {timeout:.0f} s; its log ({log}) ends:\n{_tail(log)}")
+    if done.returncode != 0:
+        raise StackError(f"{svc.name}: failed (exit {done.returncode}); its log ({log}) ends:\n{_tail(log)}")
+
+
 def status(cfg: Config) -> list[dict]:
     """Per service: name, running, pid, port (one-shot services are left out)."""
     p = plan(cfg, secrets=False)
     state = read_state(p)
     rows = []
     for svc in p.services:
-        if svc.kind == "buckets":
+        if svc.kind in ("buckets", "oneshot"):
             continue
         entry = state["services"].get(svc.name)
         proc = _alive(entry)
@@ -543,7 +655,7 @@ def down(cfg: Config, volumes: bool = False, echo=print) -> None:
             continue
         if svc.kind == "s3" and not volumes:
             try:
-                echo(f"{svc.name}: {_save_objects(p, svc)} objects saved to {p.home / 's3'}")
+                echo(f"{svc.name}: {_save_objects(p, svc, proc)} objects saved to {p.home / 's3'}")
             except Exception as exc:  # stop the stack all the same; the last saved copy stays
                 echo(f"{svc.name}: could not save its objects ({exc}); {p.home / 's3'} keeps the previous copy")
         # PostgreSQL: SIGINT is its "fast" shutdown (SIGTERM waits for clients to leave).
@@ -560,3 +672,9 @@ def down(cfg: Config, volumes: bool = False, echo=print) -> None:
     if volumes:
         shutil.rmtree(p.home, ignore_errors=True)
         echo(f"deleted {p.home}")
+
+
+if __name__ == "__main__":  # the native stack's S3 server: python -m arft_core.stack serve-s3 HOST PORT
+    if sys.argv[1:2] != ["serve-s3"] or len(sys.argv) != 4:
+        raise SystemExit("usage: python -m arft_core.stack serve-s3 HOST PORT")
+    serve_s3(sys.argv[2], int(sys.argv[3]))

@@ -105,11 +105,29 @@ def test_mlflow_uses_postgres_and_minio():
     assert "$$BUCKETS" in " ".join(SERVICES["minio-buckets"]["command"])
 
 
+# Which secret each service gets, in compose and natively alike (docs/deployment.md, "Who holds what").
+WORKER_SECRETS = {"MINIO_ROOT_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_WORKER_PASSWORD", "SERPER_API_KEY",
+                  "BRAVE_API_KEY"}
+SECRET_TABLE = {
+    "postgres": {"POSTGRES_PASSWORD"},
+    "minio": {"MINIO_ROOT_PASSWORD"},
+    "minio-buckets": {"MINIO_ROOT_PASSWORD"},
+    "mlflow": {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"},
+    "mlflow-users": {"MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD"},
+    "prefect": {"POSTGRES_PASSWORD", "PREFECT_AUTH_STRING"},
+    "cpu-worker": WORKER_SECRETS,
+    "gpu-worker": WORKER_SECRETS,
+}
+SECRET_VALUES = {name: f"{name.lower()}-pw-{i}" for i, name in enumerate(sorted(set().union(*SECRET_TABLE.values())))}
+
+
 @pytest.fixture
 def stack_plan(monkeypatch, tmp_path):
     from arft_core.config import Config
     from arft_core.stack import plan
 
+    for name, value in SECRET_VALUES.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("POSTGRES_PASSWORD", "pg-pw-1")
     monkeypatch.setenv("MINIO_ROOT_PASSWORD", "s3-pw-2")
     monkeypatch.delenv("MINIO_ROOT_USER", raising=False)
@@ -127,7 +145,7 @@ def test_native_stack_is_derived_from_compose(stack_plan):
         for dep in service.get("depends_on") or {}:
             assert names.index(dep) < names.index(name), (dep, name)
     assert {s.name: s.kind for s in p.services if s.kind != "command"} == {
-        "postgres": "postgres", "minio": "s3", "minio-buckets": "buckets"}
+        "postgres": "postgres", "minio": "s3", "minio-buckets": "buckets", "mlflow-users": "oneshot"}
     mlflow = p.service("mlflow")
     assert mlflow.port == 5999 and p.service("prefect").port == 4200 and p.service("postgres").port == 5432
     assert mlflow.argv[1:4] == ["-m", "mlflow", "server"]
@@ -151,7 +169,101 @@ def test_native_stack_prints_secret_references_not_values(stack_plan):
 
     env = client_env(stack_plan)
     assert env["AWS_SECRET_ACCESS_KEY"] == "${MINIO_ROOT_PASSWORD}" and env["AWS_ACCESS_KEY_ID"] == "arft"
+    assert env["PREFECT_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "arft-worker"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "${MLFLOW_WORKER_PASSWORD}"
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999" and "pw-" not in str(env)
+
+
+def _compose_secrets(name: str) -> set[str]:
+    """The shell variables holding secrets that compose hands service `name` (its environment, its configs)."""
+    from arft_core.stack import _VAR, secret_variables
+
+    service = SERVICES[name]
+    text = yaml.safe_dump(service.get("environment") or {})
+    for mount in service.get("configs") or []:
+        text += COMPOSE["configs"][mount["source"]]["content"]
+    return {m.group(1) for m in _VAR.finditer(text)} & secret_variables(COMPOSE)
+
+
+def test_each_service_gets_only_its_own_secrets_in_compose_and_natively(stack_plan):
+    """The table of who holds which secret, checked on compose (no env_file: that would hand a service every
+    secret of .env) and on the native plan derived from it."""
+    assert set(SECRET_TABLE) == set(SERVICES)
+    for name, service in SERVICES.items():
+        assert "env_file" not in service, f"{name}: env_file hands the service every variable of the file"
+        assert _compose_secrets(name) == SECRET_TABLE[name], name
+        assert stack_plan.service(name).secret_vars == SECRET_TABLE[name], name
+    held = {name: {k for k, v in SECRET_VALUES.items() if v in str(s.env)}
+            for name, s in ((s.name, s) for s in stack_plan.services)}
+    # (The test's values of POSTGRES_PASSWORD and MINIO_ROOT_PASSWORD differ from SECRET_VALUES'.)
+    for name, got in held.items():
+        assert got <= SECRET_TABLE[name], name
+
+
+def test_native_services_start_from_an_environment_without_secrets(stack_plan, monkeypatch):
+    """A service's environment is the shell's without any secret or client setting, plus its own compose
+    environment: the shell's SERPER_API_KEY reaches the workers only, a stray token none."""
+    from arft_core.stack import _base_env
+
+    monkeypatch.setenv("HF_TOKEN", "hf-pw-9")
+    monkeypatch.setenv("PREFECT_API_URL", "http://elsewhere/api")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "other-user-pw")
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")  # a tuning setting goes through
+    base = _base_env(stack_plan)
+    assert base["PREFECT_WORKER_QUERY_SECONDS"] == "1"
+    assert not {"HF_TOKEN", "PREFECT_API_URL", "MLFLOW_TRACKING_PASSWORD"} & set(base)
+    assert not any("pw-" in v for v in base.values())
+    for svc in stack_plan.services:
+        env = {**base, **svc.env}
+        has_serper = env.get("SERPER_API_KEY") == SECRET_VALUES["SERPER_API_KEY"]
+        assert has_serper == svc.name.endswith("-worker"), svc.name
+
+
+def test_published_ports_are_bound_to_the_switchable_loopback_address():
+    for name, service in SERVICES.items():
+        for spec in service.get("ports", []):
+            assert str(spec).startswith("${ARFT_BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {spec} is published on all " \
+                "addresses"
+    assert set(n for n, s in SERVICES.items() if s.get("ports")) == {"minio", "mlflow", "prefect"}
+
+
+def test_servers_require_authentication():
+    """Prefect: an API auth string on the server, the same on every worker. MLflow: the basic-auth app, users in
+    PostgreSQL, no permission by default (the workers' user owns what it creates), the admin from a secret."""
+    prefect = SERVICES["prefect"]["environment"]
+    assert prefect["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    for name in ("cpu-worker", "gpu-worker"):
+        env = SERVICES[name]["environment"]
+        assert env["PREFECT_API_AUTH_STRING"] == prefect["PREFECT_SERVER_API_AUTH_STRING"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == SERVICES["mlflow-users"]["environment"]["WORKER_USERNAME"]
+        assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_WORKER_PASSWORD:?")
+        assert SERVICES[name]["depends_on"]["mlflow-users"] == {"condition": "service_completed_successfully"}
+        # Artifacts through the authenticated proxy, not presigned S3 URLs (minio:9000 is not the clients' address).
+        assert env["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == env["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "false"
+    argv = _command(SERVICES["mlflow"])
+    assert argv[argv.index("--app-name") + 1] == "basic-auth"
+    env = SERVICES["mlflow"]["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    mount = SERVICES["mlflow"]["configs"][0]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == mount["target"]
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(COMPOSE["configs"][mount["source"]]["content"])
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert ini["mlflow"]["database_uri"].endswith("@postgres:5432/mlflow_auth")
+    assert "CREATE DATABASE mlflow_auth;" in (INFRA / "postgres" / "init.sql").read_text()
+    assert "admin_password" not in ini["mlflow"]  # (from the environment, MLFLOW_AUTH_ADMIN_PASSWORD)
+
+
+def test_native_stack_writes_the_mlflow_auth_config_for_the_server(stack_plan):
+    mlflow = stack_plan.service("mlflow")
+    (path, content), = mlflow.files.items()
+    assert mlflow.env["MLFLOW_AUTH_CONFIG_PATH"] == path and path.endswith("basic_auth.ini")
+    assert "postgresql://arft:pg-pw-1@127.0.0.1:5432/mlflow_auth" in content
+    users = stack_plan.service("mlflow-users")
+    assert users.argv[1] == "-c" and users.env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
 
 
 def test_native_stack_names_the_missing_secret_before_starting(monkeypatch, tmp_path):
@@ -187,7 +299,9 @@ def test_prefect_settings_in_compose_are_real_settings(monkeypatch):
 
 def test_secrets_are_required_from_the_environment_not_written_down():
     text = (INFRA / "compose.yaml").read_text()
-    assert "${POSTGRES_PASSWORD:?" in text and "${MINIO_ROOT_PASSWORD:?" in text
+    for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_ADMIN_PASSWORD",
+                 "MLFLOW_WORKER_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"):
+        assert "${" + name + ":?" in text, name
     for name, service in SERVICES.items():
         for key, value in (service.get("environment") or {}).items():
             if re.search(r"PASSWORD|SECRET|API_KEY", key):

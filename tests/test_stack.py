@@ -4,13 +4,15 @@ on the server's schedule on the CPU worker, its train stage is dispatched to the
 here, playing the GPU machine), which is killed while it trains: the automation marks that run Crashed, the chain's
 retry trains on the restarted worker, evaluates, registers in MLflow (PostgreSQL, artifacts on S3), promotes, commits
 dvc.lock and pushes the outputs to the S3 remote; a fresh clone pulls them back. The next firing skips training.
-`arft stack down` leaves no process behind."""
+`arft stack down` leaves no process behind. Every service is authenticated: a client without the stack's credentials
+is refused by Prefect, MLflow and S3, and each process holds only the secrets compose gives its service."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import shutil
 import sys
@@ -26,7 +28,17 @@ from servers import free_port, postgres_bin_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
-SECRETS = {"POSTGRES_PASSWORD": "pg-secret-7f3a", "MINIO_ROOT_PASSWORD": "s3-secret-91cd"}
+SECRETS = {"POSTGRES_PASSWORD": "pg-secret-7f3a", "MINIO_ROOT_PASSWORD": "s3-secret-91cd",
+           "PREFECT_AUTH_STRING": "arft:pf-secret-55ab", "MLFLOW_ADMIN_PASSWORD": "mlf-admin-secret-3c1e",
+           "MLFLOW_WORKER_PASSWORD": "mlf-worker-secret-8d2f", "MLFLOW_FLASK_SECRET_KEY": "flask-secret-6b0a",
+           "SERPER_API_KEY": "serper-secret-4e7c", "BRAVE_API_KEY": "brave-secret-2a9d"}
+# The secrets each service's processes hold (compose's per-service `environment`; docs/deployment.md's table).
+WORKER_SECRETS = {"MINIO_ROOT_PASSWORD", "PREFECT_AUTH_STRING", "MLFLOW_WORKER_PASSWORD", "SERPER_API_KEY",
+                  "BRAVE_API_KEY"}
+HELD = {"postgres": {"POSTGRES_PASSWORD"}, "minio": {"MINIO_ROOT_PASSWORD"},
+        "mlflow": {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY"},
+        "prefect": {"POSTGRES_PASSWORD", "PREFECT_AUTH_STRING"}, "cpu-worker": WORKER_SECRETS,
+        "gpu-worker": WORKER_SECRETS}
 
 
 def _run(*argv: str, cwd: Path, env: dict) -> str:
@@ -64,6 +76,73 @@ def _wait(what: str, check, timeout: float, logs: Path):
     raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(f"--- {k}\n{v}" for k, v in tails.items()))
 
 
+def _status(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json",
+                                                                             **(headers or {})})
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _basic(user_pass: str) -> dict:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(user_pass.encode()).decode()}
+
+
+def _check_authentication(env: dict, state: dict) -> None:
+    """Without the stack's credentials nothing is read or written; each process holds only its service's secrets."""
+    import boto3
+    import botocore.exceptions
+    import psutil
+
+    prefect = env["PREFECT_API_URL"]
+    assert _status(f"{prefect}/health") == 200  # (probes stay open)
+    for headers in ({}, _basic("arft:wrong")):
+        for path, body in (("/flows/", b'{"name": "x"}'), ("/deployments/", b'{"name": "x", "flow_id": '
+                           b'"00000000-0000-0000-0000-000000000000"}'), ("/flow_runs/", b'{"flow_id": '
+                           b'"00000000-0000-0000-0000-000000000000"}'), ("/work_pools/filter", b"{}")):
+            assert _status(prefect + path, "POST", body, headers) == 401, (path, headers)
+    assert _status(f"{prefect}/work_pools/filter", "POST", b"{}", _basic(SECRETS["PREFECT_AUTH_STRING"])) == 200
+
+    mlflow_url = env["MLFLOW_TRACKING_URI"]
+    wrong = _basic("arft-worker:wrong")
+    for headers in ({}, wrong):
+        assert _status(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=5", headers=headers) == 401
+        assert _status(f"{mlflow_url}/api/2.0/mlflow/experiments/create", "POST", b'{"name": "x"}', headers) == 401
+        assert _status(f"{mlflow_url}/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/model/python_model.pkl",
+                       "PUT", b"not a model", headers) == 401
+    worker = _basic(f"arft-worker:{SECRETS['MLFLOW_WORKER_PASSWORD']}")
+    assert _status(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=5", headers=worker) == 200
+    # The workers' user is no admin: it cannot create users (or grant itself anything).
+    assert _status(f"{mlflow_url}/api/2.0/mlflow/users/create", "POST", b'{"username": "x", "password": '
+                   b'"0123456789abcdef"}', worker) == 403
+
+    s3_url = env["AWS_ENDPOINT_URL"]
+    for key, secret in (("arft", "wrong"), ("someone", SECRETS["MINIO_ROOT_PASSWORD"])):
+        s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id=key,
+                          aws_secret_access_key=secret)
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            s3.list_objects_v2(Bucket="mlflow")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert _status(f"{s3_url}/mlflow") == 403 and _status(f"{s3_url}/moto-api/reset", "POST") == 403
+
+    for name, held in HELD.items():
+        proc = psutil.Process(state[name]["pid"])
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                environ = "\0".join(f"{k}={v}" for k, v in p.environ().items())
+            except psutil.Error:  # (a PostgreSQL backend that just ended)
+                continue
+            found = {k for k, v in SECRETS.items() if v in environ}
+            # The service's main process holds exactly its secrets; what it starts holds no more.
+            assert found == held if p is proc else found <= held, (name, p.pid, found)
+
+
 def _logs(client, run) -> str:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -76,7 +155,7 @@ def _logs(client, run) -> str:
         time.sleep(1)
 
 
-def test_team_stack_retrains_on_the_gpu_pool_and_pushes_to_s3(tmp_path):
+def test_team_stack_retrains_on_the_gpu_pool_and_pushes_to_s3(tmp_path, monkeypatch):
     import boto3
     import mlflow
     import psutil
@@ -107,19 +186,27 @@ def test_team_stack_retrains_on_the_gpu_pool_and_pushes_to_s3(tmp_path):
         exports = _run(*arft_cmd, "stack", "env", cwd=project, env=base)
         assert SECRETS["MINIO_ROOT_PASSWORD"] not in exports and "${MINIO_ROOT_PASSWORD}" in exports
         client_env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
-        client_env = {k: os.path.expandvars(v.strip('"').strip("'")) for k, v in client_env.items()
-                      if k != "AWS_SECRET_ACCESS_KEY"}
-        env = {**base, **client_env, "AWS_SECRET_ACCESS_KEY": SECRETS["MINIO_ROOT_PASSWORD"]}
+        assert not any(secret in exports for secret in SECRETS.values())
+        # What `eval "$(arft stack env)"` gives a shell holding the secrets.
+        client_env = {k: re.sub(r"\$\{(\w+)\}", lambda m: base[m.group(1)], v.strip('"').strip("'"))
+                      for k, v in client_env.items()}
+        assert client_env["AWS_SECRET_ACCESS_KEY"] == SECRETS["MINIO_ROOT_PASSWORD"]
+        assert client_env["MLFLOW_TRACKING_USERNAME"] == "arft-worker"
+        env = {**base, **client_env}
         s3_url = client_env["AWS_ENDPOINT_URL"]
         assert s3_url == f"http://127.0.0.1:{ports['minio']}"
+        state = json.loads((home / "stack.json").read_text())["services"]
+        _check_authentication(env, state)
+        # This test's own MLflow client (below) is the workers' user too.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "arft-worker")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRETS["MLFLOW_WORKER_PASSWORD"])
         # This machine's address of the team remote (compose's is localhost:9000): local config, not committed.
         _run(sys.executable, "-m", "dvc", "remote", "modify", "--local", "minio", "endpointurl", s3_url, cwd=project,
              env=env)
         deployed = _run(*arft_cmd, "deploy", cwd=project, env=env)
         assert "arft-train/gpu -> pool gpu" in deployed and "automation" in deployed
 
-        state = json.loads((home / "stack.json").read_text())["services"]
-        with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        with SyncPrefectClient(env["PREFECT_API_URL"], auth_string=SECRETS["PREFECT_AUTH_STRING"]) as client:
             # The first firing sends training to the GPU pool; its worker dies mid-training (the machine is lost).
             killed = _wait("the training flow run on the GPU pool", lambda: next(
                 (r for r in _flow_runs(client, "arft-train/gpu") if r.state.is_running()), None), 900, home / "logs")

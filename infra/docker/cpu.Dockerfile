@@ -13,7 +13,7 @@ COPY flows/ flows/
 # The CPU lock pins torch==2.13.0 (CPU build); never torchvision on CPU.
 RUN pip install -c requirements/constraints-cpu.txt torch==2.13.0 -e . \
     && pip install --no-deps fanoutqa==1.1.1 \
-    && pip install "dvc[s3]==3.67.1" boto3 asyncpg
+    && pip install "dvc[s3]==3.67.1" boto3 asyncpg Flask-WTF==1.3.0   # Flask-WTF: MLflow's basic auth
 COPY dvc.yaml params.yaml Makefile ./
 COPY infra/ infra/
 CMD ["arft", "--help"]
