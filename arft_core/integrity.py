@@ -113,13 +113,18 @@ def pinned(uri: str, client=None) -> tuple[str, str]:
 
 
 def download_verified(uri: str, dst: Path | None = None) -> Path:
-    """Download the model `uri` (a `models:/` URI) and return its folder once every file is checked against the
-    digest the tracking store records; IntegrityError names the file that differs."""
+    """Download the model `uri` (a `models:/` URI) into `dst` (default: a new temporary folder, the caller's) and
+    return its folder once every file is checked against the digest the tracking store records; IntegrityError
+    names the file that differs."""
     import mlflow
 
     if not uri.startswith("models:/"):
         raise ValueError(f"{uri}: not a models:/ URI")
     fixed, digest = pinned(uri)
-    folder = Path(mlflow.artifacts.download_artifacts(fixed, dst_path=str(dst) if dst else None))
+    # Always a private copy: a local artifact store would otherwise hand back its own folder, which could change
+    # between the check and the load.
+    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="arft-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    folder = Path(mlflow.artifacts.download_artifacts(fixed, dst_path=str(dst)))
     verify(folder, digest, uri if fixed == uri else f"{uri} ({fixed})")
     return folder

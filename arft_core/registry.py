@@ -492,12 +492,12 @@ def _search_files(cfg: Config, folder: Path, search: dict) -> None:
         return
     if corpus != folder / SEARCH_CORPUS:
         shutil.copyfile(corpus, folder / SEARCH_CORPUS)
+    # With tantivy's (empty) lock files: opening the index creates the missing one, and a version loaded in place
+    # (MLflow's local artifact store) would then hold a file its manifest does not list.
     if built:
-        shutil.copytree(index, folder / SEARCH_INDEX, ignore=shutil.ignore_patterns(".tantivy-*.lock"))
+        shutil.copytree(index, folder / SEARCH_INDEX)
     else:
         build_index(folder / SEARCH_CORPUS, folder / SEARCH_INDEX)
-        for lock in (folder / SEARCH_INDEX).glob(".tantivy-*.lock"):  # empty files tantivy leaves behind
-            lock.unlink()
     search.update(corpus_path=SEARCH_CORPUS, index_dir=SEARCH_INDEX)
 
 

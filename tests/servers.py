@@ -29,6 +29,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def tracking_store(uri: str) -> Iterator[None]:
+    """MLflow pointed at `uri` for this block only: MLFLOW_TRACKING_URI (restored afterwards), no stale global URI,
+    and sys.path restored (loading a model puts its code folder first)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(tracking_utils, "_tracking_uri", None)
+        mp.setattr(registry_utils, "_registry_uri", None)
+        mp.setattr(sys, "path", list(sys.path))
+        yield
+
+
+def model_server(argv: list[str], env: dict[str, str], port: int, log: Path,
+                 timeout: float = 120.0) -> subprocess.Popen:
+    """Start a model server (`mlflow models serve`, `arft serve`) in its own session with this environment's bin
+    first on PATH (`mlflow models serve` execs uvicorn from it), logging to `log`; return once it answers /ping on
+    `port`, failing with the log's tail when it exits or takes longer than `timeout`."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.perf_counter() - started > timeout:
+                proc.kill()
+                pytest.fail(f"the model server did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.25)
+
+
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 
 from conftest import write_params
+from servers import free_port, model_server, tracking_store
 
 NAME = "arft-agent"
 
@@ -31,9 +32,6 @@ class _Payload:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """The tiny agent logged and registered (@candidate) in a SQLite store with file artifacts under `root`."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
     from arft_core.config import load_config
     from arft_core.model.embedded import prepare_base_model
     from arft_core.registry import log_agent, register_model
@@ -42,11 +40,7 @@ def store(tmp_path_factory):
     cfg = load_config(write_params(root))
     prepare_base_model(cfg.model, root / "model")
     uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(tracking_utils, "_tracking_uri", None)
-        mp.setattr(registry_utils, "_registry_uri", None)
-        mp.setattr(sys, "path", list(sys.path))  # loading a model puts its code folder first on sys.path
+    with tracking_store(uri):
         experiment = mlflow.create_experiment("integrity", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             info = log_agent(root / "model", cfg)
@@ -170,12 +164,7 @@ def test_arft_serve_refuses_a_tampered_version_and_serves_a_checked_copy(store, 
     answers /ping, and SIGTERM ends the server and removes the checked copy."""
     import os
     import signal
-    import socket
     import subprocess
-    import time
-    import urllib.request
-
-    from servers import free_port
 
     root, uri, _ = store
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(tmp_path)}
@@ -194,20 +183,24 @@ def test_arft_serve_refuses_a_tampered_version_and_serves_a_checked_copy(store, 
     assert not list(tmp_path.glob("arft-serve-*"))
 
     port = free_port()
-    server = subprocess.Popen([*arft, "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / "serve.log", "w"))
+    server = model_server([*arft, "--port", str(port)], env, port, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                assert urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200
-                break
-            except (OSError, socket.timeout):
-                assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
         assert len(list(tmp_path.glob("arft-serve-*"))) == 1  # the checked copy being served
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)  # TimeoutExpired: SIGTERM did not end it
     finally:
-        server.kill()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
     assert not list(tmp_path.glob("arft-serve-*")), "the checked copy outlived the server"
+
+
+def test_searching_a_version_in_place_leaves_its_files_as_logged(store, tmp_path):
+    """A local artifact store hands MLflow's loader the stored folder itself; the shipped search index, opened and
+    searched there, adds no file (tantivy's lock files travel with it)."""
+    from arft_core.integrity import download_verified
+    from arft_core.search.local import LocalSearch
+
+    root, _, _ = store
+    index = _stored(root, "meta.json").parent
+    assert index.name == "index" and LocalSearch(index).search("tower", 2)
+    download_verified(f"models:/{NAME}/1", tmp_path / "dl")

@@ -1,7 +1,7 @@
 """The registered model is the agent that was evaluated: `log_agent` logs the tiny model (from a Trainer
 `checkpoint-N` folder, its training state left out) with the evaluation's settings, its search corpus, index and
 cache, and the arft_core code; `register_model` registers that LoggedModel. Loaded by alias, it runs the agent loop
-with the real sandbox (bubblewrap) and the search tool; `mlflow models serve` answers a MAT-Coding item over REST."""
+with the real sandbox (bubblewrap) and the search tool; `arft serve` answers a MAT-Coding item over REST."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from PIL import Image, ImageDraw
 from arft_core.data.teacher import code_step, fix_code
 from arft_core.integrity import DIGEST_TAG
 from conftest import write_params
+from servers import free_port, model_server, tracking_store
 
 NAME = "arft-agent"
 # A scripted first turn in the coding protocol: the teacher's own fix for an upside-down image (OpenCV reading
@@ -48,9 +48,6 @@ def upside_down_png() -> bytes:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """The tiny model logged with log_agent into a temporary SQLite store and registered as @candidate."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
     from arft_core.config import load_config
     from arft_core.model.embedded import prepare_base_model
     from arft_core.registry import log_agent, register_model
@@ -74,12 +71,7 @@ def registered(tmp_path_factory):
     for name in TRAINING_STATE:
         (checkpoint / name).write_bytes(b"training state")
     uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        # Only this module sees the store: the environment variable (restored afterwards) and no stale global URI.
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(tracking_utils, "_tracking_uri", None)
-        mp.setattr(registry_utils, "_registry_uri", None)
-        mp.setattr(sys, "path", list(sys.path))  # loading a model puts its code folder first on sys.path
+    with tracking_store(uri):  # only this module sees the store
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         started = time.perf_counter()
         with mlflow.start_run(experiment_id=experiment) as run:
@@ -181,12 +173,6 @@ def test_loaded_agent_runs_the_loop_with_the_sandbox_and_search(registered):
     assert "330 metres" in found[1]["observation"]["text"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -195,26 +181,13 @@ def post(url: str, body: dict) -> dict:
         raise AssertionError(f"{e.code}: {e.read().decode()[:2000]}") from None
 
 
-def test_mlflow_models_serve_answers_a_coding_item_over_rest(registered, tmp_path):
+def test_arft_serve_answers_a_coding_item_over_rest(registered, tmp_path):
     port = free_port()
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs uvicorn from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered.uri,
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
-    log = tmp_path / "serve.log"
     started = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@candidate",
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = model_server([str(Path(sys.executable).parent / "arft"), "serve", f"models:/{NAME}@candidate",
+                         "--params", str(registered.root / "params.yaml"), "--port", str(port)],
+                        {**os.environ, "MLFLOW_TRACKING_URI": registered.uri}, port, tmp_path / "serve.log")
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.perf_counter() - started < 120, "the server did not come up:\n" + log.read_text()[-3000:]
-                time.sleep(0.25)
         up = time.perf_counter()
         image = base64.b64encode(upside_down_png()).decode()
         body = {"dataframe_split": {"columns": ["question", "image", "task"],
@@ -234,7 +207,7 @@ def test_mlflow_models_serve_answers_a_coding_item_over_rest(registered, tmp_pat
         assert json.loads(prediction["trajectory"])[0]["code_ok"] is True and prediction["end"] == "turns"
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # arft serve and the mlflow server it started
             proc.wait(timeout=20)
         except ProcessLookupError:
             pass

@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,8 @@ from mlflow.exceptions import MlflowException
 
 from arft_core.config import Config, ServingConfig
 from conftest import write_params
-from test_serving import CACHED_QUERY, ROTATE, free_port, upside_down_png
+from servers import free_port, model_server, tracking_store
+from test_serving import CACHED_QUERY, ROTATE, upside_down_png
 
 DEADLINE_S = 8  # the server's ARFT_SERVING_DEADLINE_S: a generated coding turn (1024 tokens) takes ~40 s on CPU
 CAPS = {"allow_first_turn": True, "max_rows": 4, "max_prompt_tokens": 1500, "max_request_bytes": 1_000_000}
@@ -107,9 +107,6 @@ def image_b64(data: bytes) -> str:
 def served(tmp_path_factory):
     """The tiny agent logged with CAPS (a generated coding turn of 1024 tokens) and served by `mlflow models serve`
     with ARFT_SERVING_DEADLINE_S and its own temporary folder, in which a killed server's scratch was left."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
     from arft_core.config import load_config
     from arft_core.model.embedded import prepare_base_model
     from arft_core.registry import _start_ticks, log_agent
@@ -135,34 +132,17 @@ def served(tmp_path_factory):
     (stale / "arft-predict-x").mkdir(parents=True)
     alive = tmp / f"arft-serving-{os.getpid()}-{_start_ticks(os.getpid())}-abcd1234"
     alive.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(tracking_utils, "_tracking_uri", None)
-        mp.setattr(registry_utils, "_registry_uri", None)
-        mp.setattr(sys, "path", list(sys.path))
+    with tracking_store(uri):
         experiment = mlflow.create_experiment("limits", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             info = log_agent(root / "model", cfg)
         port = free_port()
-        bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(tmp),
-               "ARFT_SERVING_DEADLINE_S": str(DEADLINE_S),
-               "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+               "ARFT_SERVING_DEADLINE_S": str(DEADLINE_S)}
         log = root / "serve.log"
-        started = time.perf_counter()
-        with log.open("w") as out:
-            proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", info.model_uri,
-                                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = model_server([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", info.model_uri,
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env, port, log)
         try:
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                    break
-                except OSError:
-                    assert proc.poll() is None, log.read_text()[-3000:]
-                    assert time.perf_counter() - started < 120, log.read_text()[-3000:]
-                    time.sleep(0.25)
             uvicorn = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "uvicorn" in " ".join(
                 p.cmdline()))
             yield SimpleNamespace(url=f"http://127.0.0.1:{port}/invocations", proc=proc, uvicorn=uvicorn, tmp=tmp,
