@@ -34,7 +34,7 @@ from conftest import write_params
 from servers import free_port, model_server, tracking_store
 from test_serving import CACHED_QUERY, ROTATE, upside_down_png
 
-DEADLINE_S = 8  # the server's ARFT_SERVING_DEADLINE_S: a generated coding turn (1024 tokens) takes ~40 s on CPU
+DEADLINE_S = 8  # the server's ARFT_SERVING_DEADLINE_S: a generated coding turn (4096 tokens) takes 16-60 s on CPU
 CAPS = {"allow_first_turn": True, "max_rows": 4, "max_prompt_tokens": 1500, "max_request_bytes": 1_000_000}
 # Peak RSS of the server's process tree (uvicorn, the tiny model, the sandbox workers) while the bad requests run,
 # measured 0.98 GB on the CI machine (docs/serving.md); a 13000 x 13000 image alone used to add 2.3 GB per row.
@@ -105,7 +105,7 @@ def image_b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """The tiny agent logged with CAPS (a generated coding turn of 1024 tokens) and served by `mlflow models serve`
+    """The tiny agent logged with CAPS (a generated coding turn of 4096 tokens) and served by `mlflow models serve`
     with ARFT_SERVING_DEADLINE_S and its own temporary folder, in which a killed server's scratch was left."""
     from arft_core.config import load_config
     from arft_core.model.embedded import prepare_base_model
@@ -117,7 +117,7 @@ def served(tmp_path_factory):
     docs = [{"id": "eiffel", "title": "Eiffel Tower", "text": "The Eiffel Tower in Paris is 330 metres tall."}]
     (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     cfg = load_config(write_params(root, {"search": {"corpus_path": "corpus.jsonl"}, "serving": CAPS,
-                                          "eval": {"max_new_tokens": {"mat-coding": 1024}}}))
+                                          "eval": {"max_new_tokens": {"mat-coding": 4096}}}))
     cache = SearchCache(cfg.path("eval_search_cache"))
     cache.put("local", CACHED_QUERY, cfg.search.top_k,
               [SearchResult(title="Tower", snippet="Built by Gustave Eiffel's company.", source="cache")])
@@ -239,7 +239,7 @@ def test_each_broken_cap_is_a_clear_error_and_memory_stays_bounded(served):
 def test_a_request_past_its_deadline_ends_as_error_rows_and_frees_the_model(served):
     normal, _ = good_request(served)
     started = time.perf_counter()
-    # No scripted turn: the model generates its 1024-token coding turn (~40 s), cut at the deadline.
+    # No scripted turn: the model generates its 4096-token coding turn (16 s on an idle machine), cut at the deadline.
     status, reply = call(served.url, rows_body([["What is written?", image_b64(upside_down_png()), "coding"]] * 2))
     took = time.perf_counter() - started
     assert status == 200, reply
@@ -265,7 +265,7 @@ def test_served_search_replays_the_logged_cache_only(served):
     searched = trajectories[1]
     assert searched["observation"]["text"] == "<information> Search failed. </information>"
     assert re.fullmatch(r"search failed: replay mode: no cached result for query 'eiffel tower height' \(k=4\) from "
-                        r"backend 'local' in .*/search/cache\.sqlite", searched["error"])
+                        r"backend 'local' in the cache cache\.sqlite", searched["error"])
 
 
 def test_sigterm_stops_the_server_mid_request_and_removes_its_scratch(served):

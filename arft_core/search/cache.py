@@ -120,8 +120,9 @@ class CachedSearch:
                 return cached
             self._count("misses")
             if self.mode == "replay":
+                # The file's name, not its path: the text reaches trajectories and a served model's clients.
                 raise SearchError(f"replay mode: no cached result for query {query!r} (k={k}) from backend "
-                                  f"{self.name!r} in {self.cache.path}")
+                                  f"{self.name!r} in the cache {self.cache.path.name}")
         results = self.backend.search(query, k)
         self._count("backend_calls")
         self.cache.put(self.name, query, k, results)
