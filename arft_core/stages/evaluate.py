@@ -250,9 +250,16 @@ def registered_model_dir(uri: str) -> Path:
     """Download a registered version (`models:/<name>@<alias>` or `models:/<name>/<version>`), check every file
     against the manifest logged with it (integrity.IntegrityError names a changed one) and return the model folder
     inside its pyfunc (what `evaluate` loads)."""
+    import atexit
+    import shutil
+    import tempfile
+
     from arft_core.integrity import download_verified
 
-    folder = download_verified(uri)
+    # A private copy for this process (evaluations and re-scorings read it until they end), removed at its exit.
+    scratch = tempfile.mkdtemp(prefix="arft-model-")
+    atexit.register(shutil.rmtree, scratch, True)
+    folder = download_verified(uri, Path(scratch))
     found = [p.parent for p in folder.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
     if not found:
         raise FileNotFoundError(f"{uri}: no model weights in the registered artifacts")
