@@ -800,6 +800,19 @@ class Config(Section):
             out[section] = _deep_merge(out.get(section) or {}, values)
         return out
 
+    @model_validator(mode="after")
+    def _agentic_needs_chat(self) -> Config:
+        """Agentic GRPO trains on one token sequence per trajectory, which only the chat transcript is: a
+        single-message transcript (agent.transcript, or agent.protocol paper, which always re-sends one message)
+        would be trained in one form and evaluated in another."""
+        if self.train.mode == "agentic":
+            agent = self.agent.for_training_mode("agentic")
+            if agent.protocol == "paper" or agent.transcript != "chat":
+                key = "agent.protocol: paper" if agent.protocol == "paper" else "agent.transcript: single_message"
+                raise ValueError(f"train.mode agentic with {key}: agentic GRPO trains on the chat transcript only "
+                                 "(set agent.transcript to chat or auto, agent.protocol to arft, or train.mode to step)")
+        return self
+
     @field_validator("train_presets")
     @classmethod
     def _valid_presets(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -6,9 +6,6 @@ report.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,10 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from arft_core import metrics
-from arft_core.agent import AgentEnv, EnvItem, Prompt, Tools, run_episodes
+from arft_core.agent.env import EnvItem
+from arft_core.agent.runner import Agent, open_tools
 from arft_core.config import Config, EvalConfig
-from arft_core.data.mat_coding import input_image_path
-from arft_core.protocol import direct_prompt
+from arft_core.reports import render_report, render_section
 
 
 @dataclass
@@ -34,17 +31,9 @@ def load_benchmark(name: str, cfg: Config) -> list[BenchItem]:
     `eval.multihop_files` (and/or FanOutQA dev), each item's split being its dataset's name."""
     import json
 
-    if name == "mat-coding":
-        folder = cfg.path("mat_coding")
-        return [BenchItem(EnvItem(i["id"], "coding", i["question"], i["answers"], folder / input_image_path(i),
-                                  labels=list(i["type"]), cjk=True), i.get("split"), list(i["type"]))
-                for i in json.loads((folder / "test.json").read_text())]
-    if name == "mat-search":
-        folder = cfg.path("mat_search")
-        # Annotated gold searches (manifest `gold.queries`, absent for unannotated items) feed the env's
-        # query-similarity reward part.
-        return [BenchItem(EnvItem(i["id"], "search", i["question"], i["answers"], folder / i["image_path"],
-                                  gold_queries=list((i.get("gold") or {}).get("queries") or [])), i.get("split"))
+    if name in ("mat-coding", "mat-search"):
+        task, folder = ("coding", cfg.path("mat_coding")) if name == "mat-coding" else ("search", cfg.path("mat_search"))
+        return [BenchItem(EnvItem.from_manifest(i, task, folder), i.get("split"), list(i.get("type") or []))
                 for i in json.loads((folder / "test.json").read_text())]
     if name == "multihop":
         from arft_core.data.multihop import load_datasets
@@ -75,21 +64,6 @@ def eval_fingerprint(cfg: Config, plan: dict[str, list[BenchItem]]) -> str:
             if b.env.image is not None:
                 digest.update(hashlib.sha256(Path(b.env.image).read_bytes()).digest())
     return digest.hexdigest()[:16]
-
-
-def run_direct(items: list[BenchItem], benchmark: str, generator) -> list[dict]:
-    """The paper's direct baseline: question + a 'answer directly' suffix, no tools; the raw output is scored."""
-    kind = "multihop" if benchmark == "multihop" else "mat"
-    prompts = [Prompt(direct_prompt(b.env.question, kind, b.env.image is not None),
-                      [b.env.image] if b.env.image else [], b.env.id, 1) for b in items]
-    try:
-        outputs = generator.generate(prompts)
-    except Exception as e:  # recorded per item, like the agent's failures
-        return [{"id": b.env.id, "pred_answer": None, "end": "error", "n_turns": 0, "tool_calls": {},
-                 "turns": [{"output": None, "error": f"{type(e).__name__}: {e}"}]} for b in items]
-    return [{"id": b.env.id, "pred_answer": out.strip(), "end": "answer", "n_turns": 1, "tool_calls": {},
-             "turns": [{"output": out, "action": "answer", "error": None, "reward": {}, "observation": None}]}
-            for b, out in zip(items, outputs, strict=True)]
 
 
 def score_run(items: list[BenchItem], records: list[dict], benchmark: str,
@@ -137,32 +111,36 @@ def _by_dataset(scores: dict, splits: list[str | None]) -> dict:
 
 
 def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None,
-             generator=None, plan: dict[str, list[BenchItem]] | None = None, *,
+             engine=None, plan: dict[str, list[BenchItem]] | None = None, *,
              tracer: Callable[[str, str, list[BenchItem], list[dict]], None] | None = None,
              ) -> tuple[dict, dict[str, list[dict]], str]:
     """Run every configured benchmark and mode. Returns (metrics[benchmark][mode], predictions["bench.mode"],
-    the HTML report). `generator` defaults to `eval_generator` on `model_dir`; its `max_new_tokens` is set to each
-    benchmark's eval.max_new_tokens in turn. `plan` is the loaded benchmarks (default: `load_benchmark` for each of
+    the HTML report). `engine` defaults to `eval_engine` on `model_dir`; each benchmark's calls are capped at its
+    eval.max_new_tokens. `plan` is the loaded benchmarks (default: `load_benchmark` for each of
     `cfg.eval.benchmarks`). `tracer(benchmark, mode, items, predictions)` is called after each benchmark and mode
     is scored, while the tool images are still in the scratch folder (e.g. `traces.log_eval_traces`)."""
     plan = plan or {b: load_benchmark(b, cfg) for b in cfg.eval.benchmarks}
-    generator = generator or eval_generator(model_dir, cfg)
+    agent = eval_agent(engine or eval_engine(model_dir, cfg), cfg)
     needs_code = "agent" in cfg.eval.modes and "mat-coding" in plan
     needs_search = "agent" in cfg.eval.modes and any(b != "mat-coding" for b in plan)
     results: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
     sections = []
-    agent = cfg.agent.for_training_mode(cfg.train.mode)
-    with tempfile.TemporaryDirectory(prefix="arft-eval-") as scratch, _tools(cfg, needs_code, needs_search) as tools:
+    search = None
+    if needs_search:
+        from arft_core.search import make_backend
+
+        search = make_backend(cfg.search, cfg.root)
+    with tempfile.TemporaryDirectory(prefix="arft-eval-") as scratch, \
+            open_tools(cfg.sandbox, code=needs_code, search=search, top_k=cfg.search.top_k) as tools:
         for bench, items in plan.items():
-            generator.max_new_tokens = cfg.eval.max_new_tokens[bench]  # the paper's 1024 coding / 2048 search
             for mode in cfg.eval.modes:
                 if mode == "agent":
-                    envs = [AgentEnv(b.env, tools, agent, Path(scratch) / bench / f"item-{k}")
-                            for k, b in enumerate(items)]
-                    records = run_episodes(envs, generator, tool_threads=cfg.sandbox.workers, progress=progress)
+                    episodes = agent.run(bench, [b.env for b in items], tools, Path(scratch) / bench,
+                                         progress=progress)
+                    records = [e.record for e in episodes]
                 else:
-                    records = run_direct(items, bench, generator)
+                    records = agent.direct(bench, [b.env for b in items])
                     progress(len(items))
                 scores, preds = score_run(items, records, bench, mode)
                 if tracer is not None:
@@ -173,38 +151,49 @@ def evaluate(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lam
     return results, predictions, render_report(results, sections)
 
 
-def teacher_forced(generator, cfg: Config) -> dict[str, float] | None:
-    """MAT-Coding's held-out teacher steps (each test item's problem, code and answer steps: what SFT trains on,
-    for items it never saw) scored teacher-forced by the back-end's model: the share of their tokens it predicts
-    (argmax, %) and their mean negative log-likelihood. A learning signal that does not need whole well-formed
-    generations. None for a back-end without an HF model (vLLM) or when eval.teacher_forced is off."""
-    import json
+def eval_agent(engine, cfg: Config) -> Agent:
+    """The agent that evaluation and serving run on `engine`: the agent settings with the transcript form of the
+    model's training mode, each benchmark's eval.max_new_tokens, sandbox.workers tool threads."""
+    return Agent(engine, cfg.agent.for_training_mode(cfg.train.mode), cfg.eval.max_new_tokens,
+                 tool_threads=cfg.sandbox.workers)
 
+
+def teacher_forced(engine, cfg: Config) -> dict[str, float] | None:
+    """MAT-Coding's held-out teacher turns (each test item's problem, code and answer turns replayed through the
+    agent loop: what SFT trains on, for items it never saw) scored teacher-forced by the engine's model: the share
+    of their tokens it predicts (argmax, %) and their mean negative log-likelihood. A learning signal that does not
+    need whole well-formed generations. None for an engine without an HF model (vLLM) or when eval.teacher_forced
+    is off."""
     import torch
 
-    from arft_core.data.mat_coding import step_samples
-    from arft_core.io import load_image
-    from arft_core.protocol import step_prompt
+    from arft_core.agent.steps import step_rows
+    from arft_core.agent.transcript import Transcript
+    from arft_core.io import load_manifest
 
-    model, processor = getattr(generator, "model", None), getattr(generator, "processor", None)
-    if not cfg.eval.teacher_forced or model is None or processor is None:
+    model = getattr(engine, "model", None)
+    if not cfg.eval.teacher_forced or model is None:
         return None
+    agent = cfg.agent.for_training_mode(cfg.train.mode)
+    transcript = Transcript(engine.processor, agent.protocol, agent.transcript)
     folder = cfg.path("mat_coding")
-    rows = [r for item in json.loads((folder / "test.json").read_text()) for r in step_samples(item)]
     right = total = 0
     nll = 0.0
     model.eval()
-    for row in rows:
-        prompt = processor.apply_chat_template(step_prompt("coding", row), tokenize=False, add_generation_prompt=True)
-        image = load_image(folder / row["image_path"], None)
-        full = processor(text=[prompt + row["solution"]], images=[image], return_tensors="pt").to(model.device)
-        start = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
-        with torch.no_grad():
-            logits = model(**full).logits[0, start - 1:-1].float()
-        target = full["input_ids"][0, start:]
-        right += int((logits.argmax(-1) == target).sum())
-        total += len(target)
-        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+    with tempfile.TemporaryDirectory(prefix="arft-teacher-") as scratch, \
+            open_tools(cfg.sandbox, code=True) as tools:
+        rows = step_rows(load_manifest(folder, "test"), "coding", folder, tools, agent, transcript, Path(scratch),
+                         tool_threads=cfg.sandbox.workers)
+        for row in rows:
+            prompt = transcript.encode(row["prompt"], [Path(p) for p in row["images"]])
+            target = transcript.tokens(row["solution"])
+            images = [transcript.open_image(Path(p)) for p in row["images"]]
+            inputs = engine.model_inputs([prompt + target], [images], model.device)
+            with torch.no_grad():
+                logits = model(**inputs).logits[0, len(prompt) - 1:-1].float()
+            labels = torch.tensor(target, device=logits.device)
+            right += int((logits.argmax(-1) == labels).sum())
+            total += len(target)
+            nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
     return {"n": len(rows), "token_accuracy": round(100 * right / max(total, 1), 2),
             "nll": round(nll / max(total, 1), 4)}
 
@@ -215,54 +204,33 @@ def generation_eval(cfg: Config) -> EvalConfig:
     return cfg.eval.model_copy(update={"decoding": "checkpoint"}) if cfg.agent.protocol == "paper" else cfg.eval
 
 
-def eval_generator(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None):
+def eval_engine(model_dir: Path, cfg: Config, progress: Callable[[int], None] = lambda _: None):
     """The evaluation's model back-end on `model_dir`: rollout's engine, eval's decoding, the protocol's stop strings
     (none under `paper`), the processor's pixel budget from model.min_pixels / max_pixels whatever the
     checkpoint's own."""
-    from arft_core.agent.generation import make_generator
+    from arft_core.agent.generation import make_engine
     from arft_core.protocol import stop_sequences
 
-    return make_generator(model_dir, generation_eval(cfg), cfg.rollout, cfg.model.dtype, progress,
+    return make_engine(model_dir, generation_eval(cfg), cfg.rollout, cfg.model.dtype, progress,
                           stop_sequences=stop_sequences(cfg.agent.protocol), min_pixels=cfg.model.min_pixels,
                           max_pixels=cfg.model.max_pixels)
 
 
-def generation_settings(generator, cfg: Config) -> dict[str, Any]:
+def generation_settings(engine, cfg: Config) -> dict[str, Any]:
     """What the back-end generated with, flat (MLflow params of the evaluation): the resolved decoding (under
     `eval.decoding: checkpoint`, the checkpoint's values), max new tokens per benchmark, stop strings, the engine, and
     the processor's pixel bounds (HF back-end)."""
     out: dict[str, Any] = {"generation.source": generation_eval(cfg).decoding,
-                           "generation.engine": "vllm" if hasattr(generator, "llm") else "hf"}
-    out.update({f"generation.{k}": v for k, v in (getattr(generator, "decoding", None) or {}).items()})
+                           "generation.engine": "vllm" if hasattr(engine, "llm") else "hf"}
+    out.update({f"generation.{k}": v for k, v in (getattr(engine, "decoding", None) or {}).items()})
     out.update({f"generation.max_new_tokens.{b}": n for b, n in cfg.eval.max_new_tokens.items()})
-    if hasattr(generator, "stop_sequences"):
-        out["generation.stop_sequences"] = " ".join(generator.stop_sequences) or "none"
-    if getattr(generator, "processor", None) is not None:
+    if hasattr(engine, "stop_sequences"):
+        out["generation.stop_sequences"] = " ".join(engine.stop_sequences) or "none"
+    if getattr(engine, "processor", None) is not None:
         from arft_core.model.processor import pixel_budget
 
-        out["generation.min_pixels"], out["generation.max_pixels"] = pixel_budget(generator.processor)
+        out["generation.min_pixels"], out["generation.max_pixels"] = pixel_budget(engine.processor)
     return out
-
-
-class _tools:
-    """The sandbox and search tool, started only when the agent needs them, and closed afterwards."""
-
-    def __init__(self, cfg: Config, code: bool, search: bool):
-        self.cfg, self.code, self.search, self.pool = cfg, code, search, None
-
-    def __enter__(self) -> Tools:
-        from arft_core.search import make_backend
-
-        if self.code:
-            from arft_core.sandbox import SandboxPool
-
-            self.pool = SandboxPool(self.cfg.sandbox)
-        backend = make_backend(self.cfg.search, self.cfg.root) if self.search else None
-        return Tools(sandbox=self.pool, search=backend, top_k=self.cfg.search.top_k)
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.close()
 
 
 _TIMING_KEYS = ("gen_start_ns", "gen_end_ns", "tool_start_ns", "tool_elapsed_s")
@@ -278,81 +246,3 @@ def _portable(prediction: dict) -> dict:
         # Timings (for traces) left out: the same predictions from the same model and data, run after run.
         turns.append({k: v for k, v in {**t, "observation": obs}.items() if k not in _TIMING_KEYS})
     return {**prediction, "turns": turns}
-
-
-# ---- HTML report
-def inline_image(path: Path | None, px: int) -> str:
-    if path is None:
-        return ""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((px, px))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _table(scores: dict) -> str:
-    splits = [k for k in scores if isinstance(scores[k], dict) and "f1" in scores[k]]
-    head = "".join(f"<th>{html.escape(s)}</th>" for s in splits)
-    body = "".join(
-        f"<tr><td>{m}</td>" + "".join(f"<td>{scores[s][m]}</td>" for s in splits) + "</tr>"
-        for m in ("n", "f1", "em", "squad_f1", "no_answer_rate", "valid_action_rate") if m in scores[splits[0]])
-    return f"<table><tr><th></th>{head}</tr>{body}</table>"
-
-
-def _dataset_table(scores: dict) -> str:
-    """Multi-hop QA: one row per dataset, then `avg`, their mean (the paper's Table 2, one row per column)."""
-    names = [k for k in scores if k != "avg" and isinstance(scores[k], dict) and "f1" in scores[k]] + ["avg"]
-    columns = ("n", "f1", "em", "squad_f1", "no_answer_rate")
-    head = "".join(f"<th>{c}</th>" for c in ("dataset", *columns))
-    body = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{scores[n][c]}</td>" for c in columns) + "</tr>"
-                   for n in names)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def render_section(bench: str, mode: str, scores: dict, items: list[BenchItem], preds: list[dict], px: int) -> str:
-    esc = html.escape
-    parts = [f'<h2 id="{bench}-{mode}">{esc(bench)} · {esc(mode)}</h2>',
-             _dataset_table(scores) if bench == "multihop" else _table(scores)]
-    if "by_type" in scores:
-        parts.append("<h3>By corruption type</h3>" + _table(scores["by_type"]))
-    parts.append(f"<p>tool calls per item: {esc(str(scores['tool_calls']))}; endings: {esc(str(scores['end']))}</p>")
-    for b, p in zip(items, preds, strict=True):
-        ok = "ok" if p["em"] else ("part" if p["f1"] else "bad")
-        turns = []
-        for k, t in enumerate(p["turns"], start=1):
-            obs = t.get("observation") or {}
-            err = f'<div class="err">{esc(t["error"])}</div>' if t.get("error") else ""
-            tool = f"<pre>{esc(obs.get('text') or '')}</pre>" if obs.get("text") else ""
-            turns.append(f'<div class="turn"><b>turn {k}</b> <pre>{esc(t.get("output") or "")}</pre>{err}{tool}'
-                         f'{inline_image(obs.get("image"), px)}</div>')
-        dataset = f"{esc(b.split)} " if bench == "multihop" and b.split else ""
-        parts.append(
-            f'<details class="{ok}"><summary>{dataset}#{esc(str(p["id"]))} F1 {p["f1"]:.2f} · '
-            f'{esc(str(p["pred_answer"]))} · gold {esc(str(p["gt"]))} · {esc(str(p["end"]))}</summary>'
-            f'<p>{esc(b.env.question)}</p>{inline_image(b.env.image, px)}{"".join(turns)}</details>')
-    return "\n".join(parts)
-
-
-def _dataset_summary(bench: str, scores: dict) -> str:
-    """Multi-hop QA's datasets under its summary line (avg is their mean)."""
-    names = [k for k in scores if k != "avg" and isinstance(scores[k], dict) and "f1" in scores[k]]
-    if bench != "multihop" or not names:
-        return ""
-    return "<ul>" + "".join(f'<li>{html.escape(n)}: F1 {scores[n]["f1"]}, EM {scores[n]["em"]}, no answer '
-                            f'{scores[n]["no_answer_rate"]}% (n={scores[n]["n"]})</li>' for n in names) + "</ul>"
-
-
-def render_report(results: dict, sections: list[str]) -> str:
-    summary = "".join(f'<li><a href="#{b}-{m}">{b} · {m}</a>: F1 {s["avg"]["f1"]}, EM {s["avg"]["em"]}, '
-                      f'no answer {s["avg"]["no_answer_rate"]}%{_dataset_summary(b, s)}</li>'
-                      for b, modes in results.items() for m, s in modes.items())
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;background:#f4f4f4;"
-             "padding:4px}td,th{border:1px solid #ccc;padding:2px 8px}table{border-collapse:collapse}"
-             ".ok summary{color:#070}.part summary{color:#a60}.bad summary{color:#a00}.err{color:#a00}"
-             ".turn{margin-left:1em;border-left:3px solid #ddd;padding-left:8px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>arft evaluation</title><style>{style}</style>"
-            f"</head><body><h1>arft evaluation</h1><ul>{summary}</ul>{''.join(sections)}</body></html>")

@@ -36,3 +36,9 @@ def load_image(path: Path, size: int | None):
     with Image.open(path) as im:
         im = im.convert("RGB")
         return im.resize((size, size), Image.BICUBIC) if size else im
+
+
+def input_image_path(item: dict) -> str:
+    """A MAT-Coding item's image as the model sees it: the clean one for crop items (a region task), else the
+    degraded one."""
+    return item["ori_image_path"] if item["type"][0] == "crop" else item["processed_image_path"]

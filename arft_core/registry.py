@@ -62,7 +62,7 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         import weakref
 
         from arft_core.config import Config
-        from arft_core.evaluation import eval_generator
+        from arft_core.evaluation import eval_agent, eval_engine
 
         settings = json.loads(Path(context.artifacts["settings"]).read_text())
         if settings.get("format") != SETTINGS_FORMAT:
@@ -86,20 +86,19 @@ class AgentModel(mlflow.pyfunc.PythonModel):
                         timeout)
         self._root = _scratch_root()
         _remove_on_sigterm(weakref.finalize(self, shutil.rmtree, str(self._root), True))  # and at exit
-        self.generator = eval_generator(Path(context.artifacts["model"]), self.cfg)
-        self._processor = getattr(self.generator, "processor", None)  # vLLM: loaded on the first prompt check
-        self._model_dir = Path(context.artifacts["model"])
+        # The evaluation's agent: its engine, transcript, settings and per-benchmark token caps.
+        self.agent = eval_agent(eval_engine(Path(context.artifacts["model"]), self.cfg), self.cfg)
         self._search = None
-        self._lock = threading.Lock()  # one predict at a time: the generator's max_new_tokens is per call
+        # One predict at a time, for the engine: one model generating (and one sandbox) per process; nothing in
+        # a request's settings is shared state (the token cap is an argument of each run).
+        self._lock = threading.Lock()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):  # MLflow infers nothing from pd.DataFrame
-        import contextlib
         import time
 
-        from arft_core.agent import AgentEnv, EnvItem, run_episodes
-        from arft_core.agent.env import Tools
+        from arft_core.agent.env import EnvItem
         from arft_core.agent.rollout import Deadline
-        from arft_core.sandbox import SandboxPool
+        from arft_core.agent.runner import open_tools
 
         limits = self.limits
         # From arrival: the wait for the previous request counts, so queued requests cannot pile up work.
@@ -108,7 +107,7 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         first_turn = params.get("first_turn") or ""
         max_turns = _check_request(model_input, params, limits, self.cfg.agent.max_turns)
-        agent = self.cfg.agent.model_copy(update={"max_turns": max_turns})
+        scripted = (lambda env, turn: first_turn if turn == 1 else None) if first_turn else None
         n = len(model_input)
         records: list[dict | None] = [None] * n
         while not self._lock.acquire(timeout=0.25):
@@ -128,30 +127,22 @@ class AgentModel(mlflow.pyfunc.PythonModel):
                 code = any(item.task == "coding" for g in groups.values() for _, item in g)
                 search = any(item.task == "search" for g in groups.values() for _, item in g)
                 # The sandbox: started here, closed after this call, its folder in this process's scratch.
-                with SandboxPool(self.cfg.sandbox, scratch=self._root) if code else contextlib.nullcontext() as pool:
-                    tools = Tools(sandbox=pool, search=self._search_backend() if search else None,
-                                  top_k=self.cfg.search.top_k)
-                    generator = _FirstTurn(self.generator, first_turn) if first_turn else self.generator
+                with open_tools(self.cfg.sandbox, code=code, search=self._search_backend() if search else None,
+                                top_k=self.cfg.search.top_k, scratch=self._root) as tools:
                     for bench, group in groups.items():
-                        self.generator.max_new_tokens = self.cfg.eval.max_new_tokens[bench]  # as evaluate() sets it
-                        envs = [AgentEnv(item, tools, agent, Path(scratch) / f"item-{k}" / "env") for k, item in group]
-                        done = run_episodes(envs, generator, tool_threads=self.cfg.sandbox.workers, deadline=deadline,
-                                            check_prompt=self._check_prompt)
-                        for (k, _), record in zip(group, done, strict=True):
-                            records[k] = record
+                        episodes = self.agent.run(bench, [item for _, item in group], tools, Path(scratch) / bench,
+                                                  max_turns=max_turns, deadline=deadline,
+                                                  check_prompt=self._check_prompt, scripted=scripted)
+                        for (k, _), episode in zip(group, episodes, strict=True):
+                            records[k] = episode.record
         finally:
             self._lock.release()
         return _predictions(records)
 
-    def _check_prompt(self, prompt) -> None:
-        """ValueError when a model call's prompt (text and image tokens) exceeds serving.max_prompt_tokens."""
-        if self._processor is None:
-            from arft_core.model.processor import load_processor
-
-            self._processor = load_processor(self._model_dir, self.cfg.model.min_pixels, self.cfg.model.max_pixels)
-        tokens = prompt_tokens(self._processor, prompt)
-        if tokens > self.limits.max_prompt_tokens:
-            raise ValueError(f"the turn-{prompt.turn} prompt has {tokens} tokens; serving.max_prompt_tokens is "
+    def _check_prompt(self, context, turn: int) -> None:
+        """ValueError when a model call's input (text and image tokens) exceeds serving.max_prompt_tokens."""
+        if len(context.ids) > self.limits.max_prompt_tokens:
+            raise ValueError(f"the turn-{turn} prompt has {len(context.ids)} tokens; serving.max_prompt_tokens is "
                              f"{self.limits.max_prompt_tokens}")
 
     def _search_backend(self):
@@ -187,19 +178,6 @@ def _predictions(records: list[dict]) -> pd.DataFrame:
                          "trajectory": [json.dumps(_trajectory(r["turns"]), ensure_ascii=False) for r in records],
                          "end": [r["end"] for r in records],
                          "n_turns": pd.Series([r["n_turns"] for r in records], dtype="int64")})
-
-
-class _FirstTurn:
-    """The back-end with turn 1 scripted: every turn-1 prompt gets `text` instead of a generation."""
-
-    def __init__(self, inner, text: str):
-        self.inner, self.text = inner, text
-
-    def generate(self, prompts, deadline=None):
-        later = [p for p in prompts if p.turn != 1]
-        extra = {"deadline": deadline} if deadline is not None else {}
-        generated = iter(self.inner.generate(later, **extra) if later else [])
-        return [self.text if p.turn == 1 else next(generated) for p in prompts]
 
 
 # ---- serving limits
@@ -259,22 +237,6 @@ def _check_request(df: pd.DataFrame, params: dict, limits: ServingConfig, logged
         raise refuse(f"a request of {size} bytes (questions, images, first_turn); serving.max_request_bytes is "
                      f"{limits.max_request_bytes}")
     return max_turns
-
-
-def prompt_tokens(processor, prompt) -> int:
-    """The tokens a model call's prompt takes: its chat text tokenized, each image placeholder counted as the
-    image tokens the processor would make of that image (its size read from the header, nothing decoded)."""
-    from PIL import Image
-
-    text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
-    tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    merge = getattr(processor.image_processor, "merge_size", 1) ** 2
-    for path in prompt.images:
-        with Image.open(path) as im:
-            width, height = im.size
-        # One placeholder token in the text stands for the image's patches merged merge_size x merge_size.
-        tokens += processor.image_processor.get_number_of_image_patches(height, width, {}) // merge - 1
-    return tokens
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -552,7 +514,7 @@ def log_agent(model_dir: Path, cfg: Config, name: str = "model", step: int = 0, 
     instead of the active one (MLflow then links that run's metrics at `step` to the model).
 
     Loaded, it runs the evaluation's agent loop (`AgentModel`): the evaluation's generator on these weights
-    (`eval_generator`: back-end, decoding, stop strings, pixel budget), max new tokens per benchmark as the
+    (`eval_engine`: back-end, decoding, stop strings, pixel budget), max new tokens per benchmark as the
     evaluation sets them, the sandbox for `<code>` and the search backend behind its record/replay cache for
     `<search>`.
 

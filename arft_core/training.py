@@ -1,8 +1,9 @@
 """Training: an optional SFT cold start (TRL SFTTrainer) on the teacher's step samples, then GRPO (TRL
 GRPOTrainer) on the same step samples with the paper's rewards (spec §1.4-1.5, §3). No ground-truth injection.
 
-A step sample is one user message, the paper's form: image, then the task's system prompt, the `<query>` and the
-partial chain so far (`context`); the target step is `solution`, which also tells the rewards the step type.
+A step row is the input the agent loop gives the model at one turn of the teacher's trajectory (replayed through
+the loop with the real tools, `agent.steps`), in the evaluation's protocol and transcript form; the target is the
+teacher's turn (`solution`), which also tells the rewards the step type.
 """
 
 from __future__ import annotations
@@ -18,70 +19,76 @@ from typing import Callable
 from contextlib import nullcontext
 
 from arft_core.agent.engine import trl_engine, use_vllm
-from arft_core.config import ModelConfig, RolloutConfig, TrainConfig
-from arft_core.io import load_image  # noqa: F401  (the step dataset's images; also imported from here)
-from arft_core.protocol import step_prompt  # noqa: F401  (likewise)
+from arft_core.config import AgentConfig, ModelConfig, RolloutConfig, TrainConfig
+from arft_core.io import load_image
 
 MetricsSink = Callable[[dict[str, float], int], None]
 TRAIN_CONFIG_FILE = "arft_train_config.json"
-STEPS_FILE = "train_steps.json"
 SFT_CHECKPOINTS = "sft"  # SFT's checkpoint-<step> folders, under the GRPO checkpoint folder
 
 
-def load_step_rows(data_dir: Path) -> list[dict]:
-    path = data_dir / STEPS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no step samples (run the data stage for this task first)")
-    rows = json.loads(path.read_text())
+def step_rows(data_dir: Path, task: str, tools, agent_cfg: AgentConfig, processor, image_size: int | None,
+              scratch: Path) -> list[dict]:
+    """The step rows of the train manifest in `data_dir`: the teacher's trajectories replayed through the agent loop
+    (`agent.steps`) under `agent_cfg` (its transcript resolved), tool images in `scratch`."""
+    from arft_core.agent.steps import step_rows as replay
+    from arft_core.io import load_manifest
+
+    records = load_manifest(data_dir, "train")
+    if not records:
+        raise ValueError(f"{data_dir / 'train.json'}: no items to train on (run the data stage for this task first)")
+    rows = replay(records, task, data_dir, tools, agent_cfg, transcript_for(processor, agent_cfg, image_size), scratch)
     if not rows:
-        raise ValueError(f"{path}: no step samples to train on")
+        raise ValueError(f"{data_dir / 'train.json'}: the teacher's replay gave no step rows")
     return rows
 
 
-def build_step_dataset(rows: list[dict], data_dir: Path, task: str, image_size: int | None):
-    """Columns: prompt, image, solution (the teacher step), answers, image_path (absolute), item_id."""
+def transcript_for(processor, agent_cfg: AgentConfig, image_size: int | None):
+    """The transcript renderer training uses: the evaluation's, images resized by train.image_size when set."""
+    from functools import partial
+
+    from arft_core.agent.transcript import Transcript, open_image
+
+    return Transcript(processor, agent_cfg.protocol, agent_cfg.transcript,
+                      open_image=partial(load_image, size=image_size) if image_size else open_image)
+
+
+def build_step_dataset(rows: list[dict], image_size: int | None):
+    """Columns: prompt (chat messages), images (in placeholder order), solution (the teacher's turn), answers,
+    image_path (the image the turn works on), item_id."""
     from datasets import Dataset
 
     return Dataset.from_dict({
-        "prompt": [step_prompt(task, r) for r in rows],
-        "image": [load_image(data_dir / r["image_path"], image_size) for r in rows],
+        "prompt": [r["prompt"] for r in rows],
+        "images": [[load_image(Path(p), image_size) for p in r["images"]] for r in rows],
         "solution": [r["solution"] for r in rows],
         "answers": [r["answers"] for r in rows],
-        "image_path": [str(data_dir / r["image_path"]) for r in rows],
-        "item_id": [str(r["item_id"]) for r in rows],
+        "image_path": [r["image_path"] for r in rows],
+        "item_id": [r["item_id"] for r in rows],
     })
 
 
 def build_item_dataset(items: list[dict], data_dir: Path, task: str, image_size: int | None):
-    """Agentic mode: one row per item, the first prompt of the agent loop; the environment needs the rest
-    (`gold_queries`: the item's annotated searches, empty where it has none, for the query-similarity part)."""
+    """Agentic mode: one row per item (`item_id`); the environments render every turn, the rows only say which
+    item (`prompt` and `image` are what TRL's sampler and signature columns need)."""
     from datasets import Dataset
 
-    from arft_core.data.mat_coding import input_image_path
-    from arft_core.protocol import coding_prompt, search_prompt
+    from arft_core.agent.env import EnvItem
 
-    def image_of(item: dict) -> str:
-        return input_image_path(item) if task == "coding" else item["image_path"]
-
+    envs = [EnvItem.from_manifest(i, task, data_dir) for i in items]
     return Dataset.from_dict({
-        "prompt": [coding_prompt(i["question"]) if task == "coding" else search_prompt(i["question"])
-                   for i in items],
-        "image": [load_image(data_dir / image_of(i), image_size) for i in items],
-        "question": [i["question"] for i in items],
-        "answers": [i["answers"] for i in items],
-        "labels": [list(i.get("type") or []) for i in items],
-        "gold_queries": [list((i.get("gold") or {}).get("queries") or []) for i in items],
-        "image_path": [str(data_dir / image_of(i)) for i in items],
-        "item_id": [str(i["id"]) for i in items],
+        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}]
+                   for e in envs],
+        "image": [load_image(e.image, image_size) for e in envs],
+        "item_id": [str(e.id) for e in envs],
     })
 
 
 def _sft_dataset(dataset):
     # SFTTrainer's prompt-completion form: the loss covers the teacher's step only.
     return dataset.map(lambda r: {"completion": [{"role": "assistant", "content": [{"type": "text",
-                                                                                    "text": r["solution"]}]}],
-                                  "images": [r["image"]]},
-                       remove_columns=[c for c in dataset.column_names if c != "prompt"])
+                                                                                    "text": r["solution"]}]}]},
+                       remove_columns=[c for c in dataset.column_names if c not in ("prompt", "images")])
 
 
 def grpo_step_offset(cfg: TrainConfig) -> int:
@@ -227,15 +234,18 @@ def sft_cold_start(model, processor, dataset, cfg: TrainConfig, scratch: Path, s
             "sft_final_loss": float(steps[-1]["loss"]) if steps else float("nan")}
 
 
-def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base_model: Path, data_dir: Path) -> str:
-    """What a checkpoint belongs to: the settings, the base model and the step samples. A run resumes only from
-    checkpoints with the same fingerprint (a param change must not continue an old run)."""
+def _fingerprint(cfg: TrainConfig, model_cfg: ModelConfig, base_model: Path, data_dir: Path,
+                 agent_cfg: AgentConfig) -> str:
+    """What a checkpoint belongs to: the settings (the agent's too: they render the turns), the base model and the
+    train manifest. A run resumes only from checkpoints with the same fingerprint (a param change must not continue
+    an old run)."""
     import hashlib
 
     keep = cfg.model_dump(mode="json", exclude={"max_steps", "num_train_epochs", "checkpoint_step", "save_steps",
                                                 "save_total_limit", "logging_steps"})
     blob = json.dumps({"train": keep, "model": model_cfg.model_dump(mode="json"), "base": str(base_model.resolve()),
-                       "steps": hashlib.sha256((data_dir / STEPS_FILE).read_bytes()).hexdigest()}, sort_keys=True)
+                       "agent": agent_cfg.model_dump(mode="json"),
+                       "items": hashlib.sha256((data_dir / "train.json").read_bytes()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -317,23 +327,23 @@ def _rank_digests(state, model) -> list[str]:
     return digests
 
 
-def _agentic_trainer(common: dict, cfg: TrainConfig, tools, agent_cfg, forced_first_turn, artifact_sink):
+def _agentic_trainer(common: dict, cfg: TrainConfig, data_dir: Path, tools, agent_cfg: AgentConfig, processor,
+                     forced_first_turn, artifact_sink):
     from arft_core.agent.env import AgentEnv, EnvItem
     from arft_core.agent.grpo import AgenticGRPOTrainer
-    from arft_core.config import AgentConfig
+    from arft_core.io import load_manifest
+    from arft_core.protocol import stop_sequences
 
-    if tools is None:
-        raise ValueError("train.mode agentic needs the tools (sandbox and search) to run rollouts")
-    agent_cfg = agent_cfg or AgentConfig()
+    agent = agent_cfg.for_training_mode("agentic")
+    items = {str(i["id"]): EnvItem.from_manifest(i, cfg.task, data_dir) for i in load_manifest(data_dir, "train")}
 
     def env_factory(row: dict, workdir: Path) -> AgentEnv:
-        item = EnvItem(row["item_id"], cfg.task, row["question"], list(row["answers"]), Path(row["image_path"]),
-                       labels=list(row["labels"]), cjk=cfg.task == "coding",
-                       gold_queries=list(row.get("gold_queries") or []))
-        return AgentEnv(item, tools, agent_cfg, workdir)
+        return AgentEnv(items[row["item_id"]], tools, agent, workdir)
 
-    return AgenticGRPOTrainer(**common, env_factory=env_factory, max_turns=agent_cfg.max_turns,
-                              turn_max_new_tokens=cfg.turn_max_new_tokens, forced_first_turn=forced_first_turn,
+    return AgenticGRPOTrainer(**common, env_factory=env_factory, transcript=transcript_for(processor, agent,
+                                                                                           cfg.image_size),
+                              turn_max_new_tokens=cfg.turn_max_new_tokens,
+                              stop_sequences=stop_sequences(agent.protocol), forced_first_turn=forced_first_turn,
                               sample_every=cfg.sample_every, sample_sink=artifact_sink)
 
 
@@ -347,7 +357,7 @@ def _lora_config(cfg: TrainConfig):
 def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: Path, out_dir: Path,
           log_csv: Path, sink: MetricsSink = lambda m, s: None, reward_funcs: list | None = None,
           code_runner: Callable | None = None, checkpoint_dir: Path | None = None,
-          callbacks: list | None = None, tools=None, agent_cfg=None,
+          callbacks: list | None = None, tools=None, agent_cfg: AgentConfig | None = None,
           forced_first_turn: Callable[[int], str | None] | None = None,
           artifact_sink: Callable[[str, str], None] | None = None, rollout: RolloutConfig | None = None) -> dict:
     """SFT cold start (if enabled), then GRPO on the step samples in `data_dir`; save the model and processor to
@@ -358,9 +368,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     checkpoints every `save_steps` and a new call resumes from the last checkpoint of the same configuration
     (weights, optimizer, scheduler, RNG, data position); the SFT result is kept there too, as the KL reference.
 
-    `cfg.mode == "agentic"` trains on whole trajectories instead (`AgenticGRPOTrainer`): `tools` (sandbox, search)
-    and `agent_cfg` drive the agent loop, rewards default to the trajectory's format and final-answer F1; the SFT
-    cold start still uses the teacher step samples.
+    The step rows are the teacher's trajectories replayed through the agent loop with `tools` (sandbox, search)
+    under `agent_cfg` (default AgentConfig()): the turns evaluation shows. `cfg.mode == "agentic"` trains on whole
+    trajectories instead (`AgenticGRPOTrainer`, the same loop and tools); rewards default to the trajectory's format
+    and final-answer F1; the SFT cold start still uses the step rows.
 
     `rollout` chooses the engine that generates the rollouts (HF `generate`, or vLLM through TRL's support with
     `agent.engine`'s fixes, weights synced after each update).
@@ -383,17 +394,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     if len(cfg.reward_weights) != len(reward_funcs):
         raise ValueError(f"train.reward_weights needs {len(reward_funcs)} values "
                          f"({', '.join(f.__name__ for f in reward_funcs)}), got {cfg.reward_weights}")
-    dataset = build_step_dataset(load_step_rows(data_dir), data_dir, cfg.task, cfg.image_size)
-    if agentic:
-        from arft_core.io import load_manifest
-
-        rl_dataset = build_item_dataset(load_manifest(data_dir, "train"), data_dir, cfg.task, cfg.image_size)
-    else:
-        rl_dataset = dataset
+    if tools is None:
+        raise ValueError("training needs the tools (sandbox for coding, search for search) to replay the teacher")
+    agent_cfg = agent_cfg or AgentConfig()
     resume = None
     if cfg.save_steps and checkpoint_dir is not None:
         if state.is_main_process:
-            prepare_checkpoints(checkpoint_dir, _fingerprint(cfg, model_cfg, base_model, data_dir))
+            prepare_checkpoints(checkpoint_dir, _fingerprint(cfg, model_cfg, base_model, data_dir, agent_cfg))
         state.wait_for_everyone()
         resume = _last_checkpoint(checkpoint_dir)
     sft_dir = checkpoint_dir / "sft_model" if checkpoint_dir is not None and cfg.save_steps else None
@@ -406,6 +413,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
     summary: dict = {"resumed_from": Path(resume).name if resume else None}
     scratch = _shared_scratch(state, out_dir.parent)
     try:
+        dataset = None
+        if not agentic or (cfg.sft.enabled and start == base_model):
+            # Each rank replays the teacher in its own folder (the rows' tool images live there while training).
+            # In the transcript form evaluation will use for this training mode.
+            rows = step_rows(data_dir, cfg.task, tools, agent_cfg.for_training_mode(cfg.mode), processor, cfg.image_size,
+                             scratch / f"steps-rank{state.process_index}")
+            dataset = build_step_dataset(rows, cfg.image_size)
+        if agentic:
+            from arft_core.io import load_manifest
+
+            rl_dataset = build_item_dataset(load_manifest(data_dir, "train"), data_dir, cfg.task, cfg.image_size)
+        else:
+            rl_dataset = dataset
         if cfg.sft.enabled and start == base_model:
             # Saved and reloaded: TRL builds the KL reference from the model's folder, which must be the SFT
             # result (not the base); with checkpoints it is also the starting point of a resumed run.
@@ -446,7 +466,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, base_model: Path, data_dir: 
                       peft_config=_lora_config(cfg) if cfg.lora.enabled else None)
         with trl_engine(rollout, cfg.seed) if vllm else nullcontext():
             if agentic:
-                trainer = _agentic_trainer(common, cfg, tools, agent_cfg, forced_first_turn,
+                trainer = _agentic_trainer(common, cfg, data_dir, tools, agent_cfg, processor, forced_first_turn,
                                            artifact_sink if state.is_main_process else None)
             else:
                 trainer = GRPOTrainer(**common)

@@ -1,7 +1,9 @@
-"""The agent loop: a per-item tool environment (`env`), model back-ends that generate for many items at once
-(`generation`), and the batched multi-turn driver (`rollout`) used by evaluation and online training."""
+"""The agent: a per-item tool environment (`env`), the transcript renderer (`transcript`), model engines that
+generate for many items at once (`generation`), the one batched multi-turn loop (`rollout`) that evaluation,
+serving, online training and the teacher's step rows all run, and the assembled agent with its tools (`runner`)."""
 
 from arft_core.agent.env import AgentEnv, EnvItem, Observation, StepResult, Tools
-from arft_core.agent.rollout import Prompt, run_episodes
+from arft_core.agent.rollout import Episode, run_episodes
+from arft_core.agent.transcript import Transcript
 
-__all__ = ["AgentEnv", "EnvItem", "Observation", "Prompt", "StepResult", "Tools", "run_episodes"]
+__all__ = ["AgentEnv", "EnvItem", "Episode", "Observation", "StepResult", "Tools", "Transcript", "run_episodes"]

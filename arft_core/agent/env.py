@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar, cast
 
 from arft_core import metrics, protocol, rewards
 from arft_core.config import AgentConfig
+from arft_core.io import input_image_path
 
 
 @dataclass
@@ -30,6 +31,18 @@ class EnvItem:
     labels: list[str] = field(default_factory=list)  # MAT-Coding corruption labels (problem-step reward)
     cjk: bool = False  # score answers with the MAT-Coding CJK metric
     gold_queries: list[str] = field(default_factory=list)  # annotated searches (query-similarity reward part)
+
+    @classmethod
+    def from_manifest(cls, record: dict, task: str, folder: Path) -> EnvItem:
+        """An item of a MAT manifest in `folder` (data/mat_coding for task coding, data/mat_search for search): its
+        image as the model sees it, corruption labels (coding, CJK-aware scoring) or annotated searches (search,
+        manifest `gold.queries`, absent for unannotated items)."""
+        if task == "coding":
+            return cls(record["id"], "coding", record["question"], list(record["answers"]),
+                       Path(folder) / input_image_path(record), labels=list(record["type"]), cjk=True)
+        return cls(record["id"], "search", record["question"], list(record["answers"]),
+                   Path(folder) / record["image_path"],
+                   gold_queries=list((record.get("gold") or {}).get("queries") or []))
 
 
 @dataclass
@@ -124,7 +137,6 @@ class AgentEnv:
         self.end: str | None = None  # "answer" | "turns" | "error"
         self.pred_answer: str | None = None
         self.image: Path | None = None
-        self.images: list[Path] = []  # every image shown, in order (chat transcript)
         self.diagnosis: list[str] | None = None  # the latest <problem> labels, sorted (crop forcing, paper's code)
 
     # ---- contract
@@ -132,7 +144,6 @@ class AgentEnv:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.turns, self.done, self.end, self.pred_answer, self.diagnosis = [], False, None, None, None
         self.image = self.item.image
-        self.images = [self.image] if self.image else []
         return Observation(self._first_text(), self.image)
 
     def step(self, output: str) -> StepResult:
@@ -245,25 +256,6 @@ class AgentEnv:
                            "reward": {}, "observation": None})
         self._finish("error")
 
-    # ---- the next model input
-    def prompt(self) -> tuple[list[dict], list[Path]]:
-        """(chat messages, images in the order their placeholders appear) for the next model call."""
-        first = self._first_text()
-        if self.cfg.transcript == "single_message" or self.cfg.protocol == "paper":
-            # The paper's form: one user message, the transcript appended as text, only the current image.
-            text = first + "".join(t["context"] for t in self.turns if t["output"] is not None)
-            content = ([{"type": "image"}] if self.image else []) + [{"type": "text", "text": text}]
-            return [{"role": "user", "content": content}], [self.image] if self.image else []
-        messages = [{"role": "user", "content": ([{"type": "image"}] if self.item.image else [])
-                     + [{"type": "text", "text": first}]}]
-        for turn in self.turns:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["output"] or ""}]})
-            obs = turn["observation"] or {}
-            content = ([{"type": "image"}] if obs.get("image") else []) + (
-                [{"type": "text", "text": obs["text"]}] if obs.get("text") else [])
-            messages.append({"role": "user", "content": content or [{"type": "text", "text": ""}]})
-        return messages, list(self.images)
-
     def record(self) -> dict[str, Any]:
         """The episode as data: prediction, end reason, tool-call counts and every turn."""
         actions = [t["action"] for t in self.turns]
@@ -333,7 +325,6 @@ class AgentEnv:
             return Observation(f"<error> {error.strip()[-500:]} </error>")
         info["code_ok"] = True
         self.image = new
-        self.images.append(new)
         return Observation("", new)
 
     # ---- helpers

@@ -4,7 +4,8 @@ Both batch many prompts per call and stop right after a closing action tag (`pro
 `stop_sequences=()` turns that off: the paper's harness has none). Their decoding is resolved once, in the open
 (`decoding`): EvalConfig's explicit values (`eval.decoding: explicit`), or the model folder's generation_config.json
 (`checkpoint`: what the authors' HF `generate` with no sampling arguments used); either way every batch is seeded.
-`max_new_tokens` is the cap per call; the evaluation sets it per benchmark (eval.max_new_tokens).
+Both work on token ids (the loop's `Engine`); `max_new_tokens` is an argument of each call (the evaluation passes
+each benchmark's eval.max_new_tokens), never state of the engine.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from arft_core.agent.rollout import Deadline, Prompt
+from arft_core.agent.rollout import Deadline
 from arft_core.config import EvalConfig, RolloutConfig
 from arft_core.protocol import STOP_SEQUENCES
 
@@ -56,107 +57,172 @@ def folder_generation_config(model_dir: Path):
     return GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() else GenerationConfig()
 
 
-class HFGenerator:
-    """Batched `model.generate` with left padding; images are opened per batch (not kept for the whole run)."""
+def turn_end(ids: list[int], eos: set[int], tokenizer=None, stops: Sequence[str] = ()) -> int:
+    """How many of a turn's generated `ids` are the turn: up to and including the first end-of-sequence token, or
+    the token that completes the first stop string (a batch runs on past both)."""
+    cut = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
+    if not stops or tokenizer is None:
+        return cut
+    text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    if not ends:
+        return cut
+    need = text[:min(ends)]
+    lo, hi = 1, cut  # the fewest tokens whose text holds the first stop (a prefix's text only grows)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(ids[:mid], skip_special_tokens=True).startswith(need):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
-    def __init__(self, model, processor, cfg: EvalConfig, progress: Callable[[int], None] = lambda _: None,
-                 stop_sequences: Sequence[str] = STOP_SEQUENCES, max_new_tokens: int | None = None):
-        self.model, self.processor, self.cfg, self.progress = model, processor, cfg, progress
-        self.stop_sequences = tuple(stop_sequences)
-        # The checkpoint's values are the loaded model's generation_config (read from its folder's file).
-        self.decoding = resolve_decoding(cfg, model.generation_config)
-        self.max_new_tokens = max_new_tokens or max(cfg.max_new_tokens.values())
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a turn: the model's generation_config eos ids (Qwen2.5-VL: <|im_end|> and
+    <|endoftext|>) and the tokenizer's."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return {*ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+
+
+def decoding_config(model, decoding: dict):
+    """The model's generation_config with `decoding`'s values (sampling ones only when sampling, so that none of
+    the checkpoint's stays in force unseen)."""
+    import copy
+
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.do_sample, cfg.repetition_penalty = decoding["do_sample"], decoding["repetition_penalty"]
+    if decoding["do_sample"]:
+        cfg.temperature, cfg.top_p, cfg.top_k = decoding["temperature"], decoding["top_p"], decoding["top_k"]
+    return cfg
+
+
+class HFEngine:
+    """Hugging Face `generate` on token ids, batched with left padding: the evaluation's and the served model's
+    engine, and (on the unwrapped policy, `model=`) the GRPO trainer's. `generation_config` holds the decoding;
+    `seed` (evaluation) seeds each batch from (seed, call) so that a run gives the same samples whatever came
+    before; `logprobs` returns each new token's log-probability under the sampling distribution (training)."""
+
+    def __init__(self, model, processor, generation_config, *, stop_sequences: Sequence[str] = (),
+                 batch_size: int = 8, seed: int | None = None, logprobs: bool = False,
+                 progress: Callable[[int], None] = lambda _: None):
+        self.model, self.processor, self.generation_config = model, processor, generation_config
+        self.stop_sequences, self.batch_size, self.seed = tuple(stop_sequences), batch_size, seed
+        self.logprobs, self.progress = logprobs, progress
+        self.eos = eos_ids(model, processor.tokenizer)
+        self.decoding: dict | None = None  # the resolved decoding values, when built from them (make_engine)
+        self.image_pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.calls = 0
         self._stop = None  # built once: transformers' StopStringCriteria takes ~2 s to index a 151k vocabulary
 
-    def generate(self, prompts: Sequence[Prompt], deadline: Deadline | None = None) -> list[str]:
-        """One completion per prompt; with a `deadline`, decoding stops at the first step after it expires and the
-        batches not yet started are skipped (their completions are empty)."""
-        import torch
-        from PIL import Image
+    def generate(self, ids: Sequence[list[int]], images: Sequence[list], max_new_tokens: int,
+                 deadline: Deadline | None = None, model=None) -> list[tuple[list[int], list[float] | None]]:
+        """One turn per input; with a `deadline`, decoding stops at the first step after it expires and the
+        batches not yet started are skipped (their turns are empty)."""
+        import copy
 
+        import torch
         from transformers import StoppingCriteriaList, StopStringCriteria
 
+        model = model or self.model
         tok = self.processor.tokenizer
-        tok.padding_side = "left"
-        self.model.eval()
         if self._stop is None and self.stop_sequences:
             self._stop = StoppingCriteriaList([StopStringCriteria(tok, list(self.stop_sequences))])
-        outputs: list[str] = []
-        stopping = self._stop
-        if deadline is not None:
-            stopping = StoppingCriteriaList([*(self._stop or []), _DeadlineCriteria(deadline)])
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            batch = prompts[start:start + self.cfg.batch_size]
+        stopping = StoppingCriteriaList([*(self._stop or []), *([_DeadlineCriteria(deadline)] if deadline else [])])
+        cfg = copy.deepcopy(self.generation_config)
+        cfg.max_new_tokens = max_new_tokens
+        cfg.return_dict_in_generate, cfg.output_scores = True, self.logprobs
+        out: list[tuple[list[int], list[float] | None]] = []
+        for start in range(0, len(ids), self.batch_size):
+            batch, imgs = ids[start:start + self.batch_size], images[start:start + self.batch_size]
             if deadline is not None and deadline.expired():
-                outputs += [""] * len(batch)
+                out += [([], None)] * len(batch)
                 continue
-            texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
-                     for p in batch]
-            images = [Image.open(path).convert("RGB") for p in batch for path in p.images]
-            inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-            inputs = inputs.to(self.model.device)
-            d = self.decoding
-            gen = dict(max_new_tokens=self.max_new_tokens, do_sample=d["do_sample"],
-                       repetition_penalty=d["repetition_penalty"], stopping_criteria=stopping,
-                       pad_token_id=tok.pad_token_id)
-            if d["do_sample"]:  # all three, so that none of the checkpoint's stays in force unseen
-                gen.update(temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"])
-            # Seeded per batch from (seed, call): the same run gives the same samples whatever came before.
-            torch.manual_seed(self.cfg.seed * 1_000_003 + self.calls)
+            inputs = self.model_inputs(batch, imgs, model.device)
+            if self.seed is not None:
+                torch.manual_seed(self.seed * 1_000_003 + self.calls)
             self.calls += 1
             with torch.no_grad():
-                out = self.model.generate(**inputs, **gen)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            outputs += [cut_at_stop(t, self.stop_sequences)
-                        for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+                gen = model.generate(**inputs, generation_config=cfg, stopping_criteria=stopping or None,
+                                     pad_token_id=tok.pad_token_id)
+            new = gen.sequences[:, inputs["input_ids"].shape[1]:]
+            logp = None
+            if self.logprobs:
+                logp = torch.stack(gen.scores, 1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for b in range(new.size(0)):
+                row = new[b].tolist()
+                n = turn_end(row, self.eos, tok, self.stop_sequences)
+                out.append((row[:n], logp[b, :n].tolist() if logp is not None else None))
             self.progress(len(batch))
-        return outputs
+        return out
+
+    def model_inputs(self, batch: Sequence[list[int]], imgs: Sequence[list], device) -> dict:
+        """The model's inputs for token sequences with their images: left-padded ids, pixel values, and the
+        multimodal token types (Qwen2.5-VL's 3-D rotary positions)."""
+        import torch
+
+        from trl.trainer.utils import pad
+
+        seqs = [torch.tensor(s, dtype=torch.long) for s in batch]
+        input_ids = pad(seqs, padding_value=self.processor.tokenizer.pad_token_id, padding_side="left")
+        attention = pad([torch.ones_like(t) for t in seqs], padding_value=0, padding_side="left")
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+        flat = [im for lst in imgs for im in lst]
+        if flat:
+            inputs.update({k: v.to(device) for k, v in
+                           self.processor.image_processor(images=flat, return_tensors="pt").items()})
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.image_pad_id).long()  # 3-D rotary positions
+        return inputs
 
 
-class VLLMGenerator:
-    """vLLM back-end: one `LLM.chat` call per batch of prompts, stopping after a closing action tag."""
+class VLLMEngine:
+    """vLLM on token ids (`LLM.generate` with each input's image-pad runs collapsed, as vLLM expands them itself);
+    stops after a closing action tag as the Hugging Face engine does. A call is not interrupted: a `deadline` is
+    checked between turns by the loop (a call is bounded by max_new_tokens)."""
 
     def __init__(self, model_dir: Path, cfg: EvalConfig, rollout: RolloutConfig, dtype: str,
-                 stop_sequences: Sequence[str] = STOP_SEQUENCES, max_new_tokens: int | None = None,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 stop_sequences: Sequence[str] = STOP_SEQUENCES, min_pixels: int | None = None,
+                 max_pixels: int | None = None):
         import tempfile
 
         from arft_core.agent.engine import build_llm
+        from arft_core.model.processor import load_processor
 
         self.cfg, self.stop_sequences = cfg, tuple(stop_sequences)
         self._folder = tempfile.TemporaryDirectory(prefix="arft-vllm-")  # the vLLM view of an embedded model
         self.decoding = resolve_decoding(cfg, folder_generation_config(model_dir))
-        self.max_new_tokens = max_new_tokens or max(cfg.max_new_tokens.values())
+        self.processor = load_processor(model_dir, min_pixels, max_pixels)  # the transcript's (same pixel budget)
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         self.llm = build_llm(model_dir, Path(self._folder.name), rollout, dtype=dtype, seed=cfg.seed,
                              limit_mm_per_prompt={"image": 8}, mm_processor_kwargs=pixels or None)
+        tok = self.processor.tokenizer
+        self.pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.eos = {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
 
-    def _params(self):
+    def _params(self, max_new_tokens: int):
         from vllm import SamplingParams
 
         d = self.decoding
         return SamplingParams(
-            max_tokens=self.max_new_tokens, temperature=d["temperature"] if d["do_sample"] else 0.0,
+            max_tokens=max_new_tokens, temperature=d["temperature"] if d["do_sample"] else 0.0,
             top_p=d["top_p"] if d["do_sample"] else 1.0, top_k=(d["top_k"] or -1) if d["do_sample"] else -1,
             repetition_penalty=d["repetition_penalty"], stop=list(self.stop_sequences) or None,
             include_stop_str_in_output=True, seed=self.cfg.seed)
 
-    def generate(self, prompts: Sequence[Prompt], deadline: Deadline | None = None) -> list[str]:
-        """One completion per prompt; vLLM's call is not interrupted: a `deadline` is checked between turns by
-        the loop (a call is bounded by max_new_tokens)."""
-        conversations = []
-        for p in prompts:
-            images = iter(p.images)
-            conv = []
-            for m in p.messages:
-                # Data URLs work across vLLM versions (the PIL content part is recent).
-                content = [{"type": "image_url", "image_url": {"url": _data_url(next(images))}}
-                           if c["type"] == "image" else c for c in m["content"]]
-                conv.append({"role": m["role"], "content": content})
-            conversations.append(conv)
-        results = self.llm.chat(conversations, self._params(), use_tqdm=False)
-        return [cut_at_stop(r.outputs[0].text, self.stop_sequences) for r in results]
+    def generate(self, ids: Sequence[list[int]], images: Sequence[list], max_new_tokens: int,
+                 deadline: Deadline | None = None) -> list[tuple[list[int], list[float] | None]]:
+        from arft_core.agent.engine import collapse_image_pads
+
+        prompts = [{"prompt_token_ids": collapse_image_pads(list(s), self.pad_id),
+                    **({"multi_modal_data": {"image": list(imgs)}} if imgs else {})} for s, imgs in zip(ids, images)]
+        results = self.llm.generate(prompts, self._params(max_new_tokens), use_tqdm=False)
+        tok = self.processor.tokenizer
+        out = []
+        for r in results:
+            row = list(r.outputs[0].token_ids)
+            out.append((row[:turn_end(row, self.eos, tok, self.stop_sequences)], None))
+        return out
 
 
 class _DeadlineCriteria:
@@ -173,30 +239,24 @@ class _DeadlineCriteria:
                           device=input_ids.device)
 
 
-def _data_url(path: Path) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    with Image.open(path) as im:
-        im.convert("RGB").save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def make_generator(model_dir: Path, cfg: EvalConfig, rollout: RolloutConfig, dtype: str = "float32",
-                   progress: Callable[[int], None] = lambda _: None, *, stop_sequences: Sequence[str] = STOP_SEQUENCES,
-                   min_pixels: int | None = None, max_pixels: int | None = None):
+def make_engine(model_dir: Path, cfg: EvalConfig, rollout: RolloutConfig, dtype: str = "float32",
+                progress: Callable[[int], None] = lambda _: None, *, stop_sequences: Sequence[str] = STOP_SEQUENCES,
+                min_pixels: int | None = None, max_pixels: int | None = None):
     """vLLM or Hugging Face, as `rollout.engine` resolves for this model (`engine.use_vllm`), in the model's own
-    dtype: a float32 model run in bf16 would not give the same greedy tokens. The pixel bounds
-    (model.min_pixels / max_pixels) replace the checkpoint processor's; `stop_sequences=()`: no stop strings."""
+    dtype: a float32 model run in bf16 would not give the same greedy tokens. Decoding: `cfg`'s (resolve_decoding),
+    each batch seeded from eval.seed. The pixel bounds (model.min_pixels / max_pixels) replace the checkpoint
+    processor's; `stop_sequences=()`: no stop strings. The engine's `processor` is the one its transcript uses."""
     from arft_core.agent.engine import use_vllm
 
     if use_vllm(rollout, model_dir):
-        return VLLMGenerator(model_dir, cfg, rollout, dtype, stop_sequences, min_pixels=min_pixels,
-                             max_pixels=max_pixels)
+        return VLLMEngine(model_dir, cfg, rollout, dtype, stop_sequences, min_pixels=min_pixels,
+                          max_pixels=max_pixels)
     from arft_core.model.embedded import load_model
 
     model, processor = load_model(model_dir, dtype, min_pixels, max_pixels)
-    return HFGenerator(model, processor, cfg, progress, stop_sequences)
+    model.eval()
+    decoding = resolve_decoding(cfg, model.generation_config)
+    engine = HFEngine(model, processor, decoding_config(model, decoding), stop_sequences=stop_sequences,
+                      batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    engine.decoding = decoding
+    return engine

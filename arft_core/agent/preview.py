@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from arft_core import protocol
+from arft_core.agent import transcript
 from arft_core.agent.env import AgentEnv, EnvItem, Tools
 from arft_core.config import AgentConfig
 from arft_core.search.base import SearchResult
@@ -36,11 +37,11 @@ def scripted_first_step(task: str, question: str, labels: list[str]) -> str:
 
 def preview_messages(benchmark: str, mode: str, protocol_name: str, question: str, labels: list[str] | None = None,
                      after_tool: bool = False, output: str | None = None,
-                     snippets: list[str] | None = None) -> list[dict]:
+                     snippets: list[str] | None = None, form: str = "chat") -> list[dict]:
     """The chat messages (text verbatim, images as `{"type": "image"}`) the model receives on the first turn of a
     `benchmark` item in `mode` ("agent" or "direct") under `protocol_name`; with `after_tool`, on the second turn
     after the first step `output` (default: `scripted_first_step`) and its tool result (`snippets` for a
-    search)."""
+    search), in the transcript `form` (chat or single_message; the paper protocol is always single_message)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"benchmark {benchmark!r}: one of {', '.join(BENCHMARKS)}")
     if protocol_name not in protocol.PROTOCOLS:
@@ -65,5 +66,5 @@ def preview_messages(benchmark: str, mode: str, protocol_name: str, question: st
             step = env.step(output or scripted_first_step(task, question, labels))
             if step.done:
                 raise ValueError(f"the first step ended the item ({env.end}): give one that calls a tool")
-        messages, _ = env.prompt()
+        messages, _ = transcript.messages(env.item, env.turns, protocol_name, form)
     return messages

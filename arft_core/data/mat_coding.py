@@ -5,7 +5,7 @@ Determinism: candidate k of a (split, level, type) draws everything from `defaul
 k])`, and items are selected in k order, so the output is the same whatever the number of workers. Each type
 of a level gets an equal share of the level's quota (the paper's Simple split is 7 types x 10).
 Outputs (under `paths.mat_coding`): `train.json`, `test.json` in the paper's fields plus provenance and the
-teacher trajectory; `train_steps.json`, step samples for step-level GRPO; `images/`.
+teacher trajectory (training replays it through the agent loop into step rows, `agent.steps`); `images/`.
 """
 
 from __future__ import annotations
@@ -29,17 +29,12 @@ from PIL import Image
 
 from arft_core.config import DataConfig, SandboxConfig
 from arft_core.data import corruptions, teacher
-from arft_core.io import MANIFESTS, write_json_atomic
+from arft_core.io import MANIFESTS, input_image_path, write_json_atomic  # noqa: F401 (input_image_path: here too)
 
 LEVELS = ("simple", "hard")
 VERIFY_BATCH = 8  # teacher fixes checked per sandbox job (at most sandbox.max_output_images)
 CROP_QUESTION = ("Recognize the text within the {box} of the image. The coordinates have been normalized ranging "
                  "from 0 to 1000 by the image width and height. ")
-
-
-def input_image_path(item: dict) -> str:
-    """The image the model sees: the clean one for crop items (a region task), else the degraded one."""
-    return item["ori_image_path"] if item["type"][0] == "crop" else item["processed_image_path"]
 
 
 def dhash(img: Image.Image) -> str:
@@ -205,26 +200,6 @@ def verify_batch(records: list[dict], arrays: list[tuple[np.ndarray, np.ndarray]
 
 
 # ------------------------------------------------------------------ step samples
-def step_samples(item: dict) -> list[dict]:
-    """The paper's step-level training rows (spec §1.4): pre_problem, pre_code (unless 'none'), pre_answer."""
-    t = item["teacher"]
-    query = f"<query> {item['question']} </query>"
-    after_fix = item.get("fixed_image_path") or item["ori_image_path"]
-    rows = [{"type": "pre_problem", "image_path": item["processed_image_path"], "problem": query, "context": "",
-             "solution": t["problem"]}]
-    context = f"{t['problem']}\n{t['tips']}"
-    if t["code_step"]:
-        rows.append({"type": "pre_code", "image_path": item["processed_image_path"], "problem": query,
-                     "context": context, "solution": t["code_step"]})
-        context = f"{context}\n{t['code_step']}"
-    rows.append({"type": "pre_answer", "image_path": after_fix, "problem": query, "context": context,
-                 "solution": t["answer"]})
-    for row in rows:
-        row.update({"item_id": item["id"], "gt": row["solution"], "answers": item["answers"],
-                    "item_type": item["type"]})
-    return rows
-
-
 # ------------------------------------------------------------------ the whole build
 _POOL = None  # this worker process's sandbox, started by its first batch
 
@@ -307,8 +282,6 @@ def generate(cfg: DataConfig, out_dir: Path, root: Path, sandbox: SandboxConfig 
                                           "types": dict(Counter("+".join(i["type"]) for i in items)),
                                           "langs": dict(Counter(i["lang"] for i in items))}
             write_json_atomic(out_dir / f"{split}.json", [_finish(i, out_dir) for i in items])
-            if split == "train":
-                write_json_atomic(out_dir / "train_steps.json", [r for i in items for r in step_samples(i)])
     elapsed = time.perf_counter() - started
     kept = sum(m["n"] for m in report["manifests"].values())
     # Rejected by the teacher check, among candidates that were checked (spares that were not needed excluded).

@@ -89,12 +89,11 @@ def annotation_changes(cfg: Config) -> list[str]:
 
 
 def search_data_stage(cfg: Config) -> dict:
-    """Import MAT-Search annotations (search_data.export, or the embedded sample) and build their step samples
-    with the search tool, through its cache."""
+    """Import MAT-Search annotations (search_data.export, or the embedded sample) and run the teacher's searches
+    (their gold queries) through the search cache."""
     import mlflow
 
     from arft_core.data.search_import import import_search
-    from arft_core.data.search_steps import search_step_samples
     from arft_core.tracking import content_hash
 
     d = cfg.search_data
@@ -118,16 +117,17 @@ def search_data_stage(cfg: Config) -> dict:
         write_json_atomic(out / f"{part}.json", [i for i in result.items if i.get("partition") == part])
     search = open_search(cfg)
     train = [i for i in result.items if i.get("partition") == "train"]
-    with progress_bar("search step samples", len(train)) as advance:
-        steps = []
-        for item in train:
-            steps += search_step_samples(item, search, cfg.search.top_k)
+    # The teacher's searches (each annotated gold query), recorded in the search cache: what training's replay of
+    # the teacher finds there.
+    queries = [q for item in train for q in (item.get("gold") or {}).get("queries") or []]
+    with progress_bar("teacher searches", len(queries)) as advance:
+        for query in queries:
+            search.search(query, cfg.search.top_k)
             advance(1)
-    write_json_atomic(out / "train_steps.json", steps)
     # What this import read: a retraining run compares it with the export now there (new annotations).
     write_json_atomic(out / IMPORT_RECORD, {"export": str(export), "md5": content_hash(export)})
     mlflow.log_artifact(str(out / "quarantine.json"))
-    return {"items": len(result.items), "quarantined": len(result.quarantined), "step_samples": len(steps),
+    return {"items": len(result.items), "quarantined": len(result.quarantined), "teacher_searches": len(queries),
             "cache_hits": search.stats.hits, "backend_calls": search.stats.backend_calls}
 
 

@@ -23,7 +23,7 @@ def evaluate_stage(cfg: Config) -> dict:
     linked to it and each item's trajectory as a trace; with eval.checkpoints all, every saved checkpoint too."""
     import mlflow
 
-    from arft_core.evaluation import (eval_fingerprint, eval_generator, evaluate, generation_settings, load_benchmark,
+    from arft_core.evaluation import (eval_fingerprint, eval_engine, evaluate, generation_settings, load_benchmark,
                                       teacher_forced)
 
     # The evaluation's searches go through their own cache (an output of this stage), so that the frozen answers
@@ -37,13 +37,13 @@ def evaluate_stage(cfg: Config) -> dict:
     final = saved[-1] if saved and cfg.path("trained_model") == (cfg.root / saved[-1]["folder"]).resolve() else None
     total = sum(map(len, plan.values())) * len(cfg.eval.modes)
     with progress_bar(f"evaluating {', '.join(cfg.eval.benchmarks)} ({', '.join(cfg.eval.modes)})", total) as advance:
-        generator = eval_generator(cfg.path("trained_model"), cfg)
+        engine = eval_engine(cfg.path("trained_model"), cfg)
         # Logged before generating: under `eval.decoding: checkpoint` the values come from the model folder.
-        mlflow.log_params(generation_settings(generator, cfg))
+        mlflow.log_params(generation_settings(engine, cfg))
         model_id = new_logged_model(cfg, final) if final else None
-        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, generator=generator,
+        scores, predictions, report = evaluate(cfg.path("trained_model"), cfg, advance, engine=engine,
                                                plan=plan, tracer=_tracer(model_id))
-        teacher = teacher_forced(generator, cfg) if "mat-coding" in plan else None
+        teacher = teacher_forced(engine, cfg) if "mat-coding" in plan else None
     out = cfg.path("predictions")
     for name, rows in predictions.items():
         write_json_atomic(out / f"{name}.json", rows)
@@ -270,7 +270,7 @@ def evaluate_checkpoints(cfg: Config, plan: dict, checkpoints: list[dict], logge
     """Every saved training checkpoint ({step, phase, folder}) on the same evaluation: each a LoggedModel with its
     metrics (at its step) and traces linked to it; returns the CSV rows (step, then Avg F1/EM per benchmark and
     mode)."""
-    from arft_core.evaluation import eval_generator, evaluate, teacher_forced
+    from arft_core.evaluation import eval_engine, evaluate, teacher_forced
 
     rows = []
     for model in checkpoints:
@@ -278,9 +278,9 @@ def evaluate_checkpoints(cfg: Config, plan: dict, checkpoints: list[dict], logge
         folder = cfg.root / model["folder"]
         with progress_bar(f"{model['phase']} checkpoint of step {model['step']}",
                           sum(map(len, plan.values())) * len(cfg.eval.modes)) as advance:
-            generator = eval_generator(folder, cfg)
-            scores, _, _ = evaluate(folder, cfg, advance, generator=generator, plan=plan, tracer=_tracer(model_id))
-            teacher = teacher_forced(generator, cfg) if "mat-coding" in plan else None
+            engine = eval_engine(folder, cfg)
+            scores, _, _ = evaluate(folder, cfg, advance, engine=engine, plan=plan, tracer=_tracer(model_id))
+            teacher = teacher_forced(engine, cfg) if "mat-coding" in plan else None
         record_model(cfg, plan, model, model_id, scores, teacher, logged, rows)
         print(f"step {model['step']} ({model['phase']}): " + "  ".join(f"{k} {v:.2f}" for k, v in rows[-1].items()
                                                                        if k.endswith(SHOWN)))

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -67,26 +66,23 @@ def train_here(cfg: Config, sink: Callable[[dict, int], None], **collaborators) 
     agentic = cfg.train.mode == "agentic"
     kwargs: dict = {"sink": sink, "checkpoint_dir": cfg.path("train_checkpoints"), "rollout": cfg.rollout,
                     **collaborators}
-    with ExitStack() as stack:
-        pool = None
-        if cfg.train.task == "coding" and (agentic or cfg.train.reward_variant == "corrected"):
-            # Code runs in the sandbox: the corrected code reward and the agent's <code> tool.
-            from arft_core.sandbox import SandboxPool
+    from arft_core.agent.runner import open_tools
+    from arft_core.search import make_backend
 
-            pool = stack.enter_context(SandboxPool(cfg.sandbox))
+    coding = cfg.train.task == "coding"
+    # Training searches use their own cache (an output of this stage), never the search_data stage's.
+    search = None if coding else make_backend(
+        cfg.search.model_copy(update={"cache_path": cfg.paths.train_search_cache}), cfg.root)
+    # The tools replay the teacher's trajectories into step rows and run agentic rollouts; code runs in the sandbox
+    # (also for the corrected code reward).
+    with open_tools(cfg.sandbox, code=coding, search=search, top_k=cfg.search.top_k) as tools:
+        kwargs.update(tools=tools, agent_cfg=cfg.agent)
         if agentic:
-            from arft_core.agent import Tools
-            from arft_core.search import make_backend
-
-            # Training searches use their own cache (an output of this stage), never the search_data stage's.
-            search_cfg = cfg.search.model_copy(update={"cache_path": cfg.paths.train_search_cache})
-            search = make_backend(search_cfg, cfg.root) if cfg.train.task == "search" else None
-            kwargs.update(tools=Tools(sandbox=pool, search=search, top_k=cfg.search.top_k), agent_cfg=cfg.agent,
-                          artifact_sink=_log_text_artifact)
-        elif pool is not None:
+            kwargs["artifact_sink"] = _log_text_artifact
+        elif coding and cfg.train.reward_variant == "corrected":
             from arft_core.agent.env import code_runner
 
-            kwargs["code_runner"] = code_runner(pool)
+            kwargs["code_runner"] = code_runner(tools.sandbox)
         return train(cfg.model, cfg.train, cfg.path("base_model"), data_dir, cfg.path("trained_model"),
                      cfg.path("train_log"), **kwargs)
 
