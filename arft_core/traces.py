@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from mlflow.entities import LiveSpan
 
     from arft_core.agent.env import EnvItem
-    from arft_core.evaluation import BenchItem
 
 TOOL_INPUTS = {"code": "code", "search": "query"}  # tool action -> the turn key holding the tool's input
 # MLflow exports spans from background queues that drop what overflows (2048 spans; 1000 export tasks, one per
@@ -56,9 +55,10 @@ def outcome(pred_answer: str | None, f1: float, em: float) -> str:
     return "correct" if em else "partial" if f1 > 0 else "wrong"
 
 
-def log_eval_traces(items: list[BenchItem], predictions: list[dict], benchmark: str, mode: str, *,
+def log_eval_traces(items: list[Any], predictions: list[dict], benchmark: str, mode: str, *,
                     model_id: str | None = None, run_id: str | None = None) -> list[str]:
-    """Log one trace per evaluated item (`predictions` as `score_run` returns them, images still on disk) into the
+    """Log one trace per evaluated item (`items`: the evaluation's BenchItems; `predictions` as `score_run` returns
+    them, images still on disk) into the
     experiment of `run_id` (else of `model_id`, else the active one), linked to both; returns the trace ids, once
     every trace is stored.
 
