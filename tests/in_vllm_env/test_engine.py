@@ -99,8 +99,12 @@ def test_step_grpo_trains_on_vllm_rollouts_and_the_engine_follows_the_weights(ti
     cfg = TrainConfig(max_steps=2, num_generations=2, max_completion_length=8, learning_rate=1e-2,
                       reward_weights=[1.0], sft=NO_SFT)
     logged = []
-    summary = train(MODEL, cfg, tiny / "base", tiny / "data", out, tmp_path / "log.csv",
-                    sink=lambda m, s: logged.append(m), reward_funcs=[length_reward], rollout=VLLM)
+    from arft_core.agent.runner import open_tools
+    from arft_core.config import SandboxConfig
+
+    with open_tools(SandboxConfig(workers=1), code=True) as tools:  # the teacher's replay into step rows
+        summary = train(MODEL, cfg, tiny / "base", tiny / "data", out, tmp_path / "log.csv",
+                        sink=lambda m, s: logged.append(m), reward_funcs=[length_reward], rollout=VLLM, tools=tools)
     assert summary["rollout_engine"] == "vllm" and summary["steps"] == 2
     check_training(logged)
 
