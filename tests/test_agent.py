@@ -11,30 +11,19 @@ import pytest
 from PIL import Image
 
 from arft_core.agent import AgentEnv, EnvItem, Tools, run_episodes
-from arft_core.agent.generation import cut_at_stop
+from arft_core.agent.transcript import messages as prompt_of
 from arft_core.config import AgentConfig, SandboxConfig
 from arft_core.protocol import tips
 from arft_core.sandbox import SandboxPool
 from arft_core.search.cache import CachedSearch, SearchCache
 from arft_core.search.local import LocalSearch, build_index
+from scripted import processor, scripted, transcript
 from test_search import write_corpus
 
 ROTATE = ("<think> The image is upside down. </think>\n<code>\n```python\nimport cv2\n"
           "img = cv2.imread('path_to_input_image.jpg')\nimg = cv2.rotate(img, cv2.ROTATE_180)\n"
           "cv2.imwrite('path_to_output_image.jpg', img)\n```\n</code>")
 CRASH = "<think> Try. </think>\n<code>\n```python\nraise ValueError('boom at line 1')\n```\n</code>"
-
-
-class ScriptedPolicy:
-    """Emits fixed outputs per item, one per turn, and keeps every prompt it was given."""
-
-    def __init__(self, script: dict):
-        self.script, self.prompts, self.batches = script, [], []
-
-    def generate(self, prompts):
-        self.batches.append(len(prompts))
-        self.prompts += prompts
-        return [self.script[p.item_id][p.turn - 1] for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +54,16 @@ def make_env(item: EnvItem, tools: Tools, tmp_path: Path, **cfg) -> AgentEnv:
     return AgentEnv(item, tools, AgentConfig(**cfg), tmp_path / f"ep-{item.id}")
 
 
+def prompt(env: AgentEnv, form: str = "chat") -> tuple[list[dict], list[Path]]:
+    """The next model input's messages and images (transcript `auto` taken as chat, as env.prompt() did)."""
+    return prompt_of(env.item, env.turns, env.cfg.protocol, form)
+
+
+def run(envs: list[AgentEnv], engine) -> list[dict]:
+    """Every env through the loop (chat transcript, the embedded tokenizer); their records."""
+    return [e.record for e in run_episodes(envs, engine, transcript(), max_new_tokens=512)]
+
+
 def test_search_then_answer(tools, tmp_path):
     item = EnvItem("s1", "search", "Where is the Mona Lisa kept?", ["the Louvre"])
     env = make_env(item, tools, tmp_path)
@@ -76,7 +75,7 @@ def test_search_then_answer(tools, tmp_path):
     assert step.observation.text.startswith("<information> 1. Content:The Mona Lisa is a half-length portrait")
     assert "Louvre" in step.observation.text and step.observation.image is None
     # Chat transcript: the tool result comes back as its own user turn after the model's turn.
-    messages, images = env.prompt()
+    messages, images = prompt(env)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"] and images == []
     assert messages[2]["content"][0]["text"] == step.observation.text
 
@@ -112,7 +111,7 @@ def test_problem_code_answer_returns_the_fixed_image(tools, tmp_path, upside_dow
     assert step.info["code_ok"] and step.reward == {"format": 1.0, "code_ran": 1.0}
     assert same_picture(step.observation.image, clean)
     assert step.observation.image.is_relative_to(tmp_path / "ep-c1")  # per-item folder, no shared cache.jpg
-    messages, images = env.prompt()
+    messages, images = prompt(env)
     assert images == [path, step.observation.image]
     assert messages[-1]["content"] == [{"type": "image"}]
 
@@ -156,14 +155,15 @@ def test_batched_rollout_isolates_items_and_failures(tools, tmp_path, upside_dow
     items = [EnvItem("a", "coding", "Colour?", ["red"], image=path, labels=["rotation180"]),
              EnvItem("b", "coding", "Colour?", ["red"], image=path),
              EnvItem("c", "search", "Kangaroo home?", ["Australia"])]
-    script = {"a": ["<think> x </think>\n<problem> {'rotation180'} </problem>", ROTATE,
-                    "<think> x </think>\n<answer> red </answer>"],
-              "b": [CRASH, "<think> x </think>\n<answer> blue </answer>"],
-              "c": ["<think> x </think>\n<search> kangaroo marsupial </search>",
-                    "<think> x </think>\n<answer> Australia </answer>"]}
-    policy = ScriptedPolicy(script)
+    # a and b ask the same question of the same image: the script tells them apart by what each wrote so far
+    script = [("Colour?", ["<think> x </think>\n<problem> {'rotation180'} </problem>", ROTATE,
+                           "<think> x </think>\n<answer> red </answer>"]),
+              ("Colour?", [CRASH, "<think> x </think>\n<answer> blue </answer>"]),
+              ("Kangaroo home?", ["<think> x </think>\n<search> kangaroo marsupial </search>",
+                                  "<think> x </think>\n<answer> Australia </answer>"])]
+    policy = scripted(processor(), script)
     envs = [make_env(i, tools, tmp_path) for i in items]
-    records = run_episodes(envs, policy)
+    records = run(envs, policy)
     assert policy.batches == [3, 3, 1]  # all live items generate together at each turn
     assert [r["pred_answer"] for r in records] == ["red", "blue", "Australia"]
     # Item b's failed code never touched item a's image, and a's fix is in a's own folder.
@@ -178,8 +178,8 @@ def test_a_broken_tool_fails_one_item_not_the_run(tmp_path, upside_down):
 
     path, _ = upside_down
     items = [EnvItem("x", "coding", "Q", ["r"], image=path), EnvItem("y", "coding", "Q", ["r"], image=path)]
-    policy = ScriptedPolicy({"x": [ROTATE], "y": ["<think> a </think><answer> r </answer>"]})
-    records = run_episodes([make_env(i, Tools(sandbox=BrokenSandbox()), tmp_path) for i in items], policy)
+    policy = scripted(processor(), [("Q", [ROTATE]), ("Q", ["<think> a </think><answer> r </answer>"])])
+    records = run([make_env(i, Tools(sandbox=BrokenSandbox()), tmp_path) for i in items], policy)
     assert records[0]["end"] == "error" and "sandbox exploded" in records[0]["turns"][-1]["error"]
     assert records[1]["end"] == "answer" and records[1]["pred_answer"] == "r"
 
@@ -191,7 +191,7 @@ def test_single_message_transcript_is_the_papers_form(tools, tmp_path, upside_do
     env.reset()
     env.step("<think> x </think>\n<problem> {'rotation180'} </problem>")
     step = env.step(ROTATE)
-    messages, images = env.prompt()
+    messages, images = prompt(env, "single_message")
     assert len(messages) == 1 and messages[0]["role"] == "user"
     assert images == [step.observation.image]  # only the current image
     text = messages[0]["content"][1]["text"]
@@ -218,10 +218,21 @@ def test_crop_teacher_forcing_switch(tools, tmp_path):
         assert Image.open(step.observation.image).size == expected, (forcing, diagnosed)
 
 
-def test_cut_at_stop():
-    assert cut_at_stop("<think> a </think><search> q </search>\n<information> fake") == \
-        "<think> a </think><search> q </search>"
-    assert cut_at_stop("no stop") == "no stop"
+def test_turn_end_cuts_after_the_first_stop_or_end_of_sequence():
+    from arft_core.agent.generation import turn_end
+    from arft_core.protocol import STOP_SEQUENCES
+
+    tok = processor().tokenizer
+    ids = tok("<think> a </think><search> q </search>\n<information> fake", add_special_tokens=False)["input_ids"]
+    n = turn_end(ids, {tok.eos_token_id}, tok, STOP_SEQUENCES)
+    # the fewest tokens whose text holds the stop: here the last one is ">\n" (a token is never split)
+    assert tok.decode(ids[:n]) == "<think> a </think><search> q </search>\n"
+    assert "</search>" not in tok.decode(ids[:n - 1])
+    plain = tok("no stop", add_special_tokens=False)["input_ids"]
+    assert turn_end(plain, {tok.eos_token_id}, tok, STOP_SEQUENCES) == len(plain)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end(plain + [im_end] + plain, {im_end}, tok, STOP_SEQUENCES) == len(plain) + 1  # the eos is kept
+    assert turn_end(ids, {im_end}, tok, ()) == len(ids)  # no stop strings: as generated
 
 
 def test_corrected_code_reward_pays_only_code_that_ran_and_wrote_an_image(tools, upside_down):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from arft_core.agent.rollout import Prompt
 from arft_core.config import EvalConfig, load_config
 from arft_core.evaluation import evaluate
 from conftest import SHARED, write_params
+from scripted import TextEngine, processor, user_text
 from test_search import write_corpus
 
 DEMO = SHARED / "mat-coding-demo"
@@ -47,42 +47,45 @@ def project(tmp_path: Path) -> Path:
     write_params(tmp_path, {"paths": {"mat_coding": "mc", "mat_search": "ms"},
                             "search": {"corpus_path": "corpus.jsonl", "index_dir": "index", "mode": "live",
                                        "cache_path": "cache.sqlite", "top_k": 2},
-                            "eval": {"multihop_files": {"hop": "hop.jsonl"}}, "sandbox": {"workers": 1},
+                            # the scripted turns are tokens now, capped like a model's: room for them
+                            "eval": {"multihop_files": {"hop": "hop.jsonl"}, "max_new_tokens": 256},
+                            "sandbox": {"workers": 1},
                             "agent": {"max_turns": 3}})
     return tmp_path
 
 
 class Oracle:
-    """A scripted policy that knows the gold answers: problem -> code -> answer, search -> answer, or a direct
-    answer; and one deliberately broken item (never answers)."""
+    """A scripted policy that knows the gold answers (by question): problem -> code -> answer, search -> answer, or
+    a direct answer; and one deliberately broken item (never answers). The turn is read from the prompt: what the
+    oracle wrote before is in it (chat or single-message transcript alike)."""
 
     def __init__(self, golds: dict, broken: str | None = None):
-        self.golds, self.broken, self.batches = golds, broken, []
+        self.golds, self.broken = golds, broken
 
-    def generate(self, prompts: list[Prompt]) -> list[str]:
-        self.batches.append(len(prompts))
-        return [self._one(p) for p in prompts]
-
-    def _one(self, p: Prompt) -> str:
-        gold = self.golds[p.item_id]
-        text = p.messages[0]["content"][-1]["text"]
-        if p.item_id == self.broken:
+    def __call__(self, prompt: str, call: int) -> str:
+        text = user_text(prompt)
+        # the longest question in the text: one Chinese question starts another
+        question = max((q for q in self.golds if q in text), key=len)
+        gold = self.golds[question]
+        if question == self.broken:
             return "I refuse to use tags"
         if text.endswith(("The answer should be very brief.", "Only Return the answer.")):  # the direct baselines
             return gold
         answer = f"<think> done </think>\n<answer> {gold} </answer>"
         if "<query>" in text and "image processing" in text:
-            return ["<think> look </think>\n<problem> {'none'} </problem>", COPY, answer][p.turn - 1]
+            turn = 1 + ("<think> look </think>" in prompt) + ("<think> fix </think>" in prompt)
+            return ["<think> look </think>\n<problem> {'none'} </problem>", COPY, answer][turn - 1]
         search = "<think> look it up </think>\n<search> " + text.split("<query>")[1][:40] + " </search>"
-        return [search, answer][p.turn - 1]
+        return answer if "<think> look it up </think>" in prompt else search
 
 
 def test_eval_with_an_oracle_policy_scores_full_marks_and_writes_the_report(project: Path):
     cfg = load_config(project / "params.yaml")
-    golds = {i["id"]: i["answers"][0] for i in json.loads((project / "mc" / "test.json").read_text())}
-    golds |= {"s1": "Louvre", "s2": "Alexander Fleming", "h1": "Amazon", "h2": "Saturn"}
-    oracle = Oracle(golds, broken="s2")
-    scores, predictions, report = evaluate(None, cfg, generator=oracle)
+    golds = {i["question"]: i["answers"][0] for i in json.loads((project / "mc" / "test.json").read_text())}
+    golds |= {"Where is the Mona Lisa kept?": "Louvre", "Who discovered penicillin?": "Alexander Fleming",
+              "Which river has the largest discharge?": "Amazon", "Sixth planet?": "Saturn"}
+    oracle = TextEngine(processor(), Oracle(golds, broken="Who discovered penicillin?"))
+    scores, predictions, report = evaluate(None, cfg, engine=oracle)
 
     coding = scores["mat-coding"]["agent"]
     assert coding["avg"]["f1"] == 100.0 and coding["avg"]["n"] == 6 and coding["hard"]["n"] == 3
@@ -110,36 +113,47 @@ def test_eval_with_an_oracle_policy_scores_full_marks_and_writes_the_report(proj
     assert json.loads(scored.stdout)["avg"]["f1"] == 100.0
 
 
-def test_hf_generator_batches_mixed_prompts_deterministically(tmp_path: Path):
+def test_hf_engine_batches_mixed_prompts_deterministically(tmp_path: Path):
     from PIL import Image
 
-    from arft_core.agent.generation import HFGenerator
-    from arft_core.config import ModelConfig
-    from arft_core.model.embedded import load_model, prepare_base_model
+    from arft_core.agent.generation import HFEngine, make_engine, resolve_decoding
+    from arft_core.agent.transcript import Transcript, open_image
+    from arft_core.config import ModelConfig, RolloutConfig
+    from arft_core.model.embedded import prepare_base_model
     from arft_core.protocol import direct_prompt
 
     prepare_base_model(ModelConfig(embedded={"vocab_size": 1024}), tmp_path / "m")
-    model, processor = load_model(tmp_path / "m")
     img = tmp_path / "i.png"
     Image.new("RGB", (56, 56), "red").save(img)
-    prompts = [Prompt(direct_prompt("What colour?", "mat"), [img], "a"),
-               Prompt(direct_prompt("Capital of France?", "multihop", with_image=False), [], "b"),
-               Prompt(direct_prompt("Shape?", "mat"), [img], "c")]
-    cfg = EvalConfig(max_new_tokens=6, batch_size=2)
-    first = HFGenerator(model, processor, cfg).generate(prompts)
-    again = HFGenerator(model, processor, cfg).generate(prompts)
-    assert len(first) == 3 and first == again and all(isinstance(t, str) for t in first)
+    cfg = EvalConfig(batch_size=2)
+
+    def engine() -> HFEngine:
+        return make_engine(tmp_path / "m", cfg, RolloutConfig(engine="hf"))
+
+    one, two = engine(), engine()
+    assert isinstance(one, HFEngine) and one.decoding == resolve_decoding(cfg, one.model.generation_config)
+    transcript = Transcript(one.processor, "arft", "chat")
+    prompts = [(direct_prompt("What colour?", "mat"), [img]),
+               (direct_prompt("Capital of France?", "multihop", with_image=False), []),
+               (direct_prompt("Shape?", "mat"), [img])]
+    ids = [transcript.encode(m, imgs) for m, imgs in prompts]
+    images = [[open_image(p) for p in imgs] for _, imgs in prompts]
+    first = one.generate(ids, images, 6)
+    again = two.generate(ids, images, 6)
+    assert len(first) == 3 and first == again
+    assert all(isinstance(t, list) and 0 < len(t) <= 6 and lp is None for t, lp in first)
 
 
 def test_decoding_is_explicit_or_the_checkpoints_and_stops_can_be_turned_off(tmp_path):
-    """HFGenerator's decoding: eval's values, or (`decoding: checkpoint`) the model folder's generation_config.json,
+    """The engine's decoding: eval's values, or (`decoding: checkpoint`) the model folder's generation_config.json,
     sampling values included (they are passed, never left to the model's hidden defaults); `stop_sequences=()`
-    leaves the text uncut; evaluation sets max_new_tokens per benchmark."""
+    leaves the turn uncut; evaluation passes each benchmark's max_new_tokens to every call."""
     from PIL import Image
     from transformers import GenerationConfig
 
     from arft_core.agent import EnvItem
-    from arft_core.agent.generation import HFGenerator, checkpoint_decoding, cut_at_stop, resolve_decoding
+    from arft_core.agent.generation import (HFEngine, checkpoint_decoding, decoding_config, resolve_decoding,
+                                            turn_end)
     from arft_core.config import Config
     from arft_core.evaluation import BenchItem
 
@@ -151,25 +165,20 @@ def test_decoding_is_explicit_or_the_checkpoints_and_stops_can_be_turned_off(tmp
     # unset values are those generate() would use
     assert checkpoint_decoding(GenerationConfig()) == {
         "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
-    assert cut_at_stop("<answer> a </answer> more", ()) == "<answer> a </answer> more"
+    tok = processor().tokenizer
+    ids = tok("<answer> a </answer> more", add_special_tokens=False)["input_ids"]
+    assert turn_end(ids, {tok.eos_token_id}, tok, ()) == len(ids)
 
     class Model:
         generation_config = stock
 
-    gen = HFGenerator(Model(), None, EvalConfig(decoding="checkpoint", max_new_tokens={"mat-coding": 7}),
-                      stop_sequences=())
-    assert gen.decoding["repetition_penalty"] == 1.05 and gen.stop_sequences == ()
-    assert gen.max_new_tokens == 2048  # until a benchmark sets it: the largest
+    config = decoding_config(Model(), resolve_decoding(EvalConfig(decoding="checkpoint"), stock))
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (
+        True, 0.1, 0.001, 1, 1.05)
+    gen = HFEngine(Model(), processor(), config, stop_sequences=())
+    assert gen.generation_config.repetition_penalty == 1.05 and gen.stop_sequences == ()
 
-    seen = []
-
-    class Recorder:
-        max_new_tokens = None
-
-        def generate(self, prompts):
-            seen.append(self.max_new_tokens)
-            return ["<think> x </think> <answer> y </answer>"] * len(prompts)
-
+    recorder = TextEngine(processor(), lambda prompt, call: "<think> x </think> <answer> y </answer>")
     cfg = Config.from_dict({"eval": {"modes": ["direct"], "max_new_tokens": {"mat-coding": 5, "multihop": 9}}},
                            root=tmp_path)
     img = tmp_path / "i.png"
@@ -177,5 +186,5 @@ def test_decoding_is_explicit_or_the_checkpoints_and_stops_can_be_turned_off(tmp
     plan = {"mat-coding": [BenchItem(EnvItem("c", "coding", "q?", ["y"], img), "simple", ["none"])],
             "mat-search": [BenchItem(EnvItem("s", "search", "q?", ["y"], img), "simple")],
             "multihop": [BenchItem(EnvItem("m", "search", "q?", ["y"]))]}
-    evaluate(None, cfg, generator=Recorder(), plan=plan)
-    assert seen == [5, 2048, 9]
+    evaluate(None, cfg, engine=recorder, plan=plan)
+    assert recorder.caps == [5, 2048, 9]

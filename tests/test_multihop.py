@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from arft_core.agent.rollout import Prompt
 from arft_core.config import Config, ConfigError, load_config
 from arft_core.data.multihop import load_datasets, load_fanoutqa_dev
 from arft_core.evaluation import evaluate, load_benchmark
 from arft_core.stages.evaluate import flat_scores
 from arft_core.stages.release import score_tags
 from conftest import write_params
+from scripted import TextEngine, processor, user_text
 from test_search import write_corpus
 
 # question -> (gold answers, direct-mode output, agent-mode answer; None: the agent never writes a tag).
@@ -36,18 +36,13 @@ def write_flashrag(path: Path, items: dict) -> Path:
     return path
 
 
-class Scripted:
+def scripted(prompt: str, call: int) -> str:
     """Answers by question: the direct output, or in the agent loop `<answer>` on the first turn (or never)."""
-
-    def generate(self, prompts: list[Prompt]) -> list[str]:
-        return [self._one(p) for p in prompts]
-
-    def _one(self, p: Prompt) -> str:
-        text = p.messages[0]["content"][-1]["text"]
-        (_, direct, agent), = [v for q, v in QUESTIONS.items() if q in text]
-        if "Only Return the answer" in text:
-            return direct
-        return f"<think> known </think>\n<answer> {agent} </answer>" if agent else "no tags from me"
+    text = user_text(prompt)
+    (_, direct, agent), = [v for q, v in QUESTIONS.items() if q in text]
+    if "Only Return the answer" in text:
+        return direct
+    return f"<think> known </think>\n<answer> {agent} </answer>" if agent else "no tags from me"
 
 
 @pytest.fixture
@@ -55,7 +50,8 @@ def project(tmp_path: Path) -> Path:
     write_flashrag(tmp_path / "flashrag" / "alpha" / "dev.jsonl", ALPHA)
     write_flashrag(tmp_path / "flashrag" / "beta" / "test.jsonl", BETA)
     write_corpus(tmp_path / "corpus.jsonl")
-    write_params(tmp_path, {"eval": {"benchmarks": ["multihop"], "multihop_limit": None,
+    # max_new_tokens: the scripted turns are tokens now, capped like a model's
+    write_params(tmp_path, {"eval": {"benchmarks": ["multihop"], "multihop_limit": None, "max_new_tokens": 64,
                                      "multihop_files": {"alpha": "flashrag/alpha/dev.jsonl",
                                                         "beta": "flashrag/beta/test.jsonl"}},
                             "search": {"corpus_path": "corpus.jsonl", "index_dir": "index", "mode": "live",
@@ -72,7 +68,7 @@ def test_two_flashrag_files_in_one_run_each_with_its_own_metrics(project: Path):
                                                    ("beta", "2"), ("beta", "3")]
     assert items[2].env.answers == ["1969"]
 
-    scores, predictions, report = evaluate(None, cfg, generator=Scripted())
+    scores, predictions, report = evaluate(None, cfg, engine=TextEngine(processor(), scripted))
 
     direct, agent = scores["multihop"]["direct"], scores["multihop"]["agent"]
     summary = {k: v for k, v in direct.items() if k in ("avg", "alpha", "beta")}

@@ -12,6 +12,7 @@ from PIL import Image
 import paper_fixtures as authors
 from arft_core.agent.env import AgentEnv, EnvItem, Tools
 from arft_core.agent.preview import FixedResults, preview_messages
+from arft_core.agent.transcript import messages as prompt_of
 from arft_core.config import AgentConfig
 from conftest import arft, write_params
 
@@ -101,6 +102,11 @@ def image(tmp_path):
     return path
 
 
+def prompt(env: AgentEnv) -> tuple[list[dict], list]:
+    """The next model input (the paper's protocol: always the single-message form)."""
+    return prompt_of(env.item, env.turns, "paper", "single_message")
+
+
 def paper_env(tmp_path, item: EnvItem, **tools) -> AgentEnv:
     env = AgentEnv(item, Tools(**tools), AgentConfig(protocol="paper"), tmp_path / "work")
     env.reset()
@@ -122,8 +128,8 @@ def test_paper_harness_reads_and_ends_items_as_theirs(tmp_path, image):
     assert result.done and env.end == "error" and env.record()["pred_answer"] is None
     # An output with no action appends nothing: the next prompt is the first one again.
     env = paper_env(tmp_path, item, search=FixedResults(["a"]))
-    first = env.prompt()
-    assert not env.step("I am not sure.").done and env.prompt() == first
+    first = prompt(env)
+    assert not env.step("I am not sure.").done and prompt(env) == first
 
 
 def test_paper_code_steps_show_the_new_image_and_never_an_error(tmp_path, image):
@@ -141,13 +147,13 @@ def test_paper_code_steps_show_the_new_image_and_never_an_error(tmp_path, image)
         env = paper_env(tmp_path, item, sandbox=pool)
         env.step(problem)
         env.step(broken)
-        messages, images = env.prompt()
+        messages, images = prompt(env)
         # The failed code is in the transcript once (the model's own step) and nothing else follows it.
         assert images == [image] and text_of(messages).count("boom") == 1 and "<error>" not in text_of(messages)
         assert text_of(messages).endswith(problem + "\n" + authors.TIPS_FIX.format(labels="['rotation90']")
                                           + "\n" + "\n" + broken)
         env.step(fixed)
-        messages, images = env.prompt()
+        messages, images = prompt(env)
         assert images != [image] and Image.open(images[0]).size == (32, 48)  # only the new, rotated image
         assert text_of(messages).endswith("\n" + broken + "\n" + fixed)
 

@@ -291,55 +291,54 @@ def test_sigterm_stops_the_server_mid_request_and_removes_its_scratch(served):
 
 
 # ---- in-process: the loop's deadline, the caps' settings
-class SlowGenerator:
-    """Sleeps `seconds` per call (checking the deadline every 10 ms, as the HF back-end does per decode step)."""
+def slow_engine(seconds: float, output: str):
+    """An engine that sleeps `seconds` per call (checking the deadline every 10 ms, as the HF back-end does per
+    decode step), then writes `output` for every input."""
+    from scripted import TextEngine, processor
 
-    def __init__(self, seconds: float, output: str):
-        self.seconds, self.output, self.calls = seconds, output, 0
-
-    def generate(self, prompts, deadline=None):
-        self.calls += 1
-        end = time.monotonic() + self.seconds
-        while time.monotonic() < end and not (deadline and deadline.expired()):
-            time.sleep(0.01)
-        return [self.output] * len(prompts)
+    return TextEngine(processor(), lambda prompt, call: output, seconds)
 
 
 def search_envs(tmp_path: Path, n: int):
     from arft_core.agent import AgentEnv, EnvItem
     from arft_core.agent.env import Tools
 
-    return [AgentEnv(EnvItem(k, "search", "Who?", ["x"]), Tools(), Config().agent, tmp_path / str(k))
+    return [AgentEnv(EnvItem(k, "search", f"Who is {k}?", ["x"]), Tools(), Config().agent, tmp_path / str(k))
             for k in range(n)]
 
 
-def test_run_episodes_stops_every_item_at_the_deadline(tmp_path):
+def run(envs, engine, **loop) -> list[dict]:
     from arft_core.agent import run_episodes
+    from scripted import transcript
+
+    return [e.record for e in run_episodes(envs, engine, transcript(), max_new_tokens=64, **loop)]
+
+
+def test_run_episodes_stops_every_item_at_the_deadline(tmp_path):
     from arft_core.agent.rollout import Deadline
 
-    generator = SlowGenerator(0.3, "<think> t </think>\n<search> q </search>")  # searches fail: no tool, next turn
+    generator = slow_engine(0.3, "<think> t </think>\n<search> q </search>")  # searches fail: no tool, next turn
     started = time.monotonic()
-    records = run_episodes(search_envs(tmp_path, 2), generator,
-                           deadline=Deadline(started + 0.5, "deadline of 0.5 s (test)"))
+    records = run(search_envs(tmp_path, 2), generator, deadline=Deadline(started + 0.5, "deadline of 0.5 s (test)"))
     took = time.monotonic() - started
     assert 0.5 <= took < 0.8 and generator.calls == 2  # the second call was cut short, its outputs not run
     assert [(r["end"], r["n_turns"], r["turns"][-1]["error"]) for r in records] == \
         [("error", 1, "DeadlineExceeded: deadline of 0.5 s (test) reached")] * 2
 
     stopping = iter([None, "the server is shutting down"])
-    records = run_episodes(search_envs(tmp_path, 1), SlowGenerator(0, "<answer> x </answer>"),
-                           deadline=Deadline(time.monotonic() + 60, "deadline", lambda: next(stopping)))
+    records = run(search_envs(tmp_path, 1), slow_engine(0, "<answer> x </answer>"),
+                  deadline=Deadline(time.monotonic() + 60, "deadline", lambda: next(stopping)))
     assert records[0]["turns"][-1]["error"] == "DeadlineExceeded: the server is shutting down"
 
 
 def test_run_episodes_check_prompt_ends_only_that_item(tmp_path):
-    from arft_core.agent import run_episodes
+    from scripted import processor
 
-    def check(prompt):
-        if prompt.item_id == 1:
+    def check(context, turn):
+        if "Who is 1?" in processor().tokenizer.decode(context.ids):
             raise ValueError("too long")
 
-    records = run_episodes(search_envs(tmp_path, 2), SlowGenerator(0, "<answer> x </answer>"), check_prompt=check)
+    records = run(search_envs(tmp_path, 2), slow_engine(0, "<answer> x </answer>"), check_prompt=check)
     assert [(r["end"], r["pred_answer"], r["turns"][-1]["error"]) for r in records] == \
         [("answer", "x", None), ("error", None, "ValueError: too long")]
 

@@ -23,7 +23,8 @@ from arft_core.config import AgentConfig, Config
 from arft_core.evaluation import BenchItem, evaluate, score_run
 from arft_core import traces
 from arft_core.traces import Trajectory, log_eval_traces, log_trajectories, outcome
-from test_agent import CRASH, ROTATE, ScriptedPolicy, same_picture
+from scripted import processor, scripted, transcript
+from test_agent import CRASH, ROTATE, same_picture
 from test_training import tiny  # noqa: F401  (the tiny model and data, a fixture)
 
 PROBLEM = "<think> Upside down. </think>\n<problem> {'rotation180'} </problem>"
@@ -69,8 +70,9 @@ def logged(store):
 
     items = [coding("fix", "red", "hard", ["rotation180"]), coding("crash", "red", "simple", ["rotation90", "dark"]),
              coding("direct", "dark red", "simple", ["none"])]
-    policy = ScriptedPolicy({"fix": [PROBLEM, ROTATE, answer("red")], "crash": [CRASH, answer("blue")],
-                             "direct": [answer("red")]})
+    question = "What colour is the band?"  # the same for the three items: told apart by what each wrote so far
+    policy = scripted(processor(), [(question, [PROBLEM, ROTATE, answer("red")]), (question, [CRASH, answer("blue")]),
+                                    (question, [answer("red")])])
     calls, ids, traced = [], {}, {}
 
     def tracer(bench, mode, bench_items, preds):
@@ -83,14 +85,15 @@ def logged(store):
 
     cfg = Config.from_dict({"eval": {"benchmarks": ["mat-coding"], "modes": ["agent"]},
                             "agent": {"max_turns": 3}, "sandbox": {"workers": 1}}, root=root)
-    scores, written, _ = evaluate(None, cfg, generator=policy, plan={"mat-coding": items}, tracer=tracer)
+    scores, written, _ = evaluate(None, cfg, engine=policy, plan={"mat-coding": items}, tracer=tracer)
     assert not any(k.endswith("_ns") for p in written["mat-coding.agent"] for t in p["turns"] for k in t)
     predictions = traced
 
     search = BenchItem(EnvItem("look", "search", "Where is the Mona Lisa?", ["Louvre"]), "simple")
     env = AgentEnv(search.env, Tools(search=FixedResults(["The Mona Lisa hangs in the Louvre."]), top_k=1),
                    AgentConfig(max_turns=2), root / "look")
-    records = run_episodes([env], ScriptedPolicy({"look": [SEARCH, "no tags at all"]}))
+    engine = scripted(processor(), [("Where is the Mona Lisa?", [SEARCH, "no tags at all"])])
+    records = [e.record for e in run_episodes([env], engine, transcript(), max_new_tokens=64)]
     _, search_preds = score_run([search], records, "mat-search")
     ids["mat-search"] = log_eval_traces([search], search_preds, "mat-search", "agent", run_id=run.info.run_id)
     predictions["mat-search.agent"] = search_preds
@@ -251,11 +254,12 @@ def test_a_failed_episode_is_an_error_trace(store, tmp_path):
     experiment_id = experiment(store, "failed")
 
     class Broken:
-        def generate(self, prompts):
+        def generate(self, ids, images, max_new_tokens, deadline=None):
             raise RuntimeError("GPU fell over")
 
     item = BenchItem(EnvItem("b1", "search", "Q?", ["x"]), None)
-    records = run_episodes([AgentEnv(item.env, Tools(), AgentConfig(), tmp_path / "b1")], Broken())
+    records = [e.record for e in run_episodes([AgentEnv(item.env, Tools(), AgentConfig(), tmp_path / "b1")],
+                                              Broken(), transcript(), max_new_tokens=64)]
     _, preds = score_run([item], records, "multihop")
     run = mlflow.MlflowClient().create_run(experiment_id)
     (trace_id,) = log_eval_traces([item], preds, "multihop", "agent", run_id=run.info.run_id)
