@@ -18,12 +18,6 @@ from arft_core.config import EvalConfig, RolloutConfig
 from arft_core.protocol import STOP_SEQUENCES
 
 
-def cut_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
-    """Text up to and including the first stop sequence (batched decoding may run on past it); no stops: as is."""
-    ends = [text.find(s) + len(s) for s in stops if s in text]
-    return text[:min(ends)] if ends else text
-
-
 DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 
 

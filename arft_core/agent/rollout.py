@@ -117,8 +117,9 @@ def run_episodes(envs: Sequence[AgentEnv], engine: Engine | None, transcript: Tr
                     continue
                 room = max_new_tokens if budget is None else min(max_new_tokens, budget - len(episodes[i].completion))
                 text = scripted(env, turn) if scripted is not None else None
-                if text is not None:
-                    ids = transcript.tokens(text)[:max(room, 0)]
+                if text is not None:  # not generated: only the trajectory budget bounds it, not the turn cap
+                    left = None if budget is None else max(budget - len(episodes[i].completion), 0)
+                    ids = transcript.tokens(text)[:left]
                     outs[i] = ids, [math.nan] * len(ids)
                 elif room > 0:
                     asked.append(i)
