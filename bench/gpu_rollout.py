@@ -2,7 +2,7 @@
 
 Side by side, in one run, same model and prompts:
   (a) the authors' generation pattern: one prompt at a time, `generate(num_return_sequences=G)`;
-  (b) ours: all prompts of a step in one `generate` call (`HFGenerator`'s batching, G copies per prompt).
+  (b) ours: all prompts of a step in one `generate` call (the agent's `HFEngine` batching, G copies per prompt).
 For each: rollout tokens/s, seconds, peak GPU memory, and MFU (2 x params x generated tokens / time / peak
 bf16 FLOP/s; a lower bound: attention and the vision tower are not counted). Then one GRPO optimizer step
 (TRL GRPOTrainer, G completions per prompt) with its wall time and peak memory, plain and then under each

@@ -1,8 +1,9 @@
 """Learning check on the embedded model: held-out reward of (a) the untrained model, (b) after SFT, (c) after
 SFT + GRPO, in one run with fixed seeds.
 
-Data: MAT-Coding built from easy-vqa (shapes and colours, 64x64), step samples of the train items for training
-and of the test items (never trained on) for the held-out score. The held-out score is the training objective,
+Data: MAT-Coding built from easy-vqa (shapes and colours, 64x64), step rows (the teacher's trajectories replayed
+through the agent loop, `agent.steps`) of the train items for training and of the test items (never trained on)
+for the held-out score. The held-out score is the training objective,
 format + accuracy (corrected variant: code steps are run in the sandbox), averaged over `--samples` completions
 sampled at the training temperature for every held-out step, plus the share of well-formed steps and the
 answer-step F1.
@@ -22,32 +23,35 @@ from pathlib import Path
 
 import torch
 
-from arft_core.config import DataConfig, ModelConfig, SandboxConfig, TrainConfig
-from arft_core.data.mat_coding import generate, step_samples
-from arft_core.io import load_manifest
+from arft_core.agent.runner import open_tools
+from arft_core.agent.steps import step_rows
+from arft_core.config import AgentConfig, DataConfig, ModelConfig, SandboxConfig, TrainConfig
+from arft_core.data.mat_coding import generate
+from arft_core.io import load_image, load_manifest
 from arft_core.model.embedded import load_model, prepare_base_model
+from arft_core.model.processor import load_processor
 from arft_core.rewards import make_reward_funcs, step_type
-from arft_core.sandbox import SandboxPool
-from arft_core.training import load_image, step_prompt, train
+from arft_core.training import train, transcript_for
 
 
-def held_out_score(model_dir: Path, rows: list[dict], data_dir: Path, funcs, samples: int, max_tokens: int,
-                   seed: int) -> dict:
+def held_out_score(model_dir: Path, rows: list[dict], funcs, samples: int, max_tokens: int, seed: int) -> dict:
     model, processor = load_model(model_dir)
     model.eval()
     processor.tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     fmt_sum = acc_sum = answers_f1 = n = n_answers = 0.0
     for row in rows:
-        text = processor.apply_chat_template(step_prompt("coding", row), tokenize=False, add_generation_prompt=True)
-        image = load_image(data_dir / row["image_path"], None)
-        inputs = processor(text=[text] * samples, images=[image] * samples, return_tensors="pt", padding=True)
+        # The row's prompt: the input the agent loop gives the model at that turn (step mode: one user message).
+        text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        images = [load_image(Path(p), None) for p in row["images"]]
+        inputs = processor(text=[text] * samples, images=images * samples or None, return_tensors="pt",
+                           padding=True)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=True, temperature=1.0)
         texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts]
         cols = {"solution": [row["solution"]] * samples, "answers": [row["answers"]] * samples,
-                "image_path": [str(data_dir / row["image_path"])] * samples}
+                "image_path": [row["image_path"]] * samples}
         fmt, acc = (f(completions, **cols) for f in funcs)
         fmt_sum += sum(fmt)
         acc_sum += sum(acc)
@@ -61,7 +65,7 @@ def held_out_score(model_dir: Path, rows: list[dict], data_dir: Path, funcs, sam
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=48, help="train items (about 3 step samples each)")
+    ap.add_argument("--train", type=int, default=48, help="train items (about 3 step rows each)")
     ap.add_argument("--test", type=int, default=16, help="held-out items")
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--grpo-steps", type=int, default=60)
@@ -80,27 +84,32 @@ def main() -> None:
     sft_only = TrainConfig(max_steps=1, learning_rate=1e-12, **common,
                            sft={"enabled": True, "max_steps": args.sft_steps, "learning_rate": 3e-3, "batch_size": 8})
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, SandboxPool(SandboxConfig(workers=2)) as pool:
+    agent_cfg = AgentConfig().for_training_mode("step")  # the turns training renders (the paper's single message)
+    with tempfile.TemporaryDirectory() as tmp, open_tools(SandboxConfig(workers=2), code=True) as tools:
         root = Path(tmp)
         prepare_base_model(model_cfg, root / "base")
         generate(data_cfg, root / "data", root)
         data = root / "data"
-        held_out = [r for item in load_manifest(data, "test") for r in step_samples(item)]
+        # The test items' teacher turns, replayed through the loop with the sandbox (tool images under held-out/).
+        held_out = step_rows(load_manifest(data, "test"), "coding", data, tools, agent_cfg,
+                             transcript_for(load_processor(root / "base"), agent_cfg, None), root / "held-out")
         from arft_core.agent.env import code_runner
 
-        runner = code_runner(pool)
+        runner = code_runner(tools.sandbox)
         funcs = make_reward_funcs("coding", "corrected", code_runner=runner)
-        score = lambda d: held_out_score(d, held_out, data, funcs, args.samples, args.max_tokens, args.seed)  # noqa: E731
+        score = lambda d: held_out_score(d, held_out, funcs, args.samples, args.max_tokens, args.seed)  # noqa: E731
         results = {"untrained": score(root / "base")}
         # (b) SFT alone: one GRPO step at a negligible learning rate, so that (b) and (c) share every code path.
-        train(model_cfg, sft_only, root / "base", data, root / "sft", root / "sft.csv", code_runner=runner)
+        train(model_cfg, sft_only, root / "base", data, root / "sft", root / "sft.csv", code_runner=runner,
+              tools=tools, agent_cfg=agent_cfg)
         results["sft"] = score(root / "sft")
         grpo = TrainConfig(max_steps=args.grpo_steps, learning_rate=2e-4, **common, sft={"enabled": False})
-        summary = train(model_cfg, grpo, root / "sft", data, root / "grpo", root / "grpo.csv", code_runner=runner)
+        summary = train(model_cfg, grpo, root / "sft", data, root / "grpo", root / "grpo.csv", code_runner=runner,
+                        tools=tools, agent_cfg=agent_cfg)
         results["sft+grpo"] = score(root / "grpo")
     seconds = time.perf_counter() - started
     print(f"embedded model (vocab {args.vocab}), easy-vqa MAT-Coding: {args.train} train items "
-          f"({summary['train_items']} step samples), {len(held_out)} held-out steps x {args.samples} samples; "
+          f"({summary['train_items']} step rows), {len(held_out)} held-out steps x {args.samples} samples; "
           f"SFT {args.sft_steps} steps, GRPO {args.grpo_steps} steps; {seconds:.0f} s")
     print("\n| model | held-out reward | format | accuracy | answer F1 |\n|---|---|---|---|---|")
     for name, r in results.items():

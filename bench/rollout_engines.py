@@ -1,7 +1,7 @@
 """Rollout engines side by side: the authors' pattern, HF batched and vLLM, same model and prompts, one run.
 
   (a) authors: one prompt at a time, `generate(num_return_sequences=G)` (their GRPO trainer);
-  (b) HF batched: every prompt x G in one `generate` call (`HFGenerator`'s batching);
+  (b) HF batched: every prompt x G in one `generate` call (the agent's `HFEngine` batching);
   (c) vLLM: one `LLM.generate` call, n=G per prompt (the engine `rollout.engine: vllm` builds, `agent.engine`).
 Each generates exactly --new-tokens per sequence (sampling at temperature 1, end-of-text ignored) from image
 prompts; tokens/s and the ratios (c)/(b) and (b)/(a) are printed as a markdown table and one JSON line.

@@ -89,37 +89,50 @@ def shot(url: str, path: Path, width: int = 1600, height: int = 1000, wait_s: fl
 
 
 class TeacherReplay:
-    """A scripted back-end: each MAT-Coding test item's own teacher steps (problem, code, answer), turn by turn."""
+    """The agent's engine for a teacher replay: every model turn is scripted (the loop's `scripted`), so the engine
+    is never asked; its processor (the base model's) renders the transcript as an evaluation does."""
 
-    def __init__(self, items: list[dict]):
-        from arft_core.data.mat_coding import step_samples
+    def __init__(self, processor):
+        self.processor = processor
 
-        self.steps = {str(i["id"]): [r["solution"] for r in step_samples(i)] for i in items}
-
-    def generate(self, prompts):
-        return [self.steps[str(p.item_id)][min(p.turn, len(self.steps[str(p.item_id)])) - 1] for p in prompts]
+    def generate(self, ids, images, max_new_tokens, deadline=None):
+        raise RuntimeError("teacher replay: every turn is the teacher's")
 
 
 def teacher_replay_traces(cfg, n: int) -> list[str]:
-    """n MAT-Coding test items run through the real agent loop (the sandbox runs the teacher's code) with their
-    teacher steps as the model's turns, traced like an evaluation in a run `teacher-replay (docs)`: traces with
-    TOOL spans to show, when the embedded model itself calls no tool."""
+    """n MAT-Coding test items run through the real agent loop (the evaluation's agent; the sandbox runs the
+    teacher's code) with their teacher turns (problem, code, answer) as the model's turns, traced like an
+    evaluation in a run `teacher-replay (docs)`: traces with TOOL spans to show, when the embedded model itself
+    calls no tool."""
     import json
+    import tempfile
 
     import mlflow
 
-    from arft_core.evaluation import evaluate, load_benchmark
+    from arft_core.agent.runner import open_tools
+    from arft_core.agent.steps import teacher_turns
+    from arft_core.evaluation import eval_agent, load_benchmark, score_run
+    from arft_core.model.embedded import resolve_model_dir
+    from arft_core.model.processor import load_processor
     from arft_core.traces import log_eval_traces
 
     manifest = json.loads((cfg.path("mat_coding") / "test.json").read_text())[:n]
+    turns = {str(i["id"]): teacher_turns(i, "coding") for i in manifest}
     items = load_benchmark("mat-coding", cfg)[:n]
-    sub = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": ["mat-coding"], "modes": ["agent"]})})
-    ids: list[str] = []
-    with mlflow.start_run(run_name="teacher-replay (docs)", tags={"arft.stage": "docs"}) as run:
-        evaluate(None, sub, generator=TeacherReplay(manifest), plan={"mat-coding": items},
-                 tracer=lambda b, m, its, preds: ids.extend(log_eval_traces(its, preds, b, m,
-                                                                            run_id=run.info.run_id)))
-    return ids
+    processor = load_processor(resolve_model_dir(cfg.path("base_model")), cfg.model.min_pixels, cfg.model.max_pixels)
+    agent = eval_agent(TeacherReplay(processor), cfg)
+
+    def scripted(env, turn: int) -> str | None:
+        script = turns[str(env.item.id)]
+        return script[turn - 1] if turn <= len(script) else None
+
+    with mlflow.start_run(run_name="teacher-replay (docs)", tags={"arft.stage": "docs"}) as run, \
+            tempfile.TemporaryDirectory(prefix="arft-teacher-") as scratch, \
+            open_tools(cfg.sandbox, code=True) as tools:
+        episodes = agent.run("mat-coding", [b.env for b in items], tools, Path(scratch), scripted=scripted)
+        _, predictions = score_run(items, [e.record for e in episodes], "mat-coding", "agent")
+        # Traced while the tool images are still in the scratch folder.
+        return log_eval_traces(items, predictions, "mat-coding", "agent", run_id=run.info.run_id)
 
 
 def main() -> None:

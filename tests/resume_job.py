@@ -14,7 +14,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from arft_core.config import ModelConfig, TrainConfig
+from arft_core.agent.runner import open_tools
+from arft_core.config import ModelConfig, SandboxConfig, TrainConfig
 from arft_core.training import train
 
 parser = argparse.ArgumentParser()
@@ -45,7 +46,9 @@ class KillAt(TrainerCallback):
 sft = {"enabled": True, "max_steps": a.sft_steps, "batch_size": 2} if a.sft_steps else {"enabled": False}
 cfg = TrainConfig(max_steps=a.max_steps, save_steps=a.save_steps, num_generations=2, max_completion_length=4,
                   learning_rate=1e-2, reward_weights=[1.0], sft=sft)
-summary = train(ModelConfig(embedded={"vocab_size": 1024}), cfg, a.base, a.data, a.out, a.out.parent / "log.csv",
-                reward_funcs=[record_batches], checkpoint_dir=a.ckpt, callbacks=[KillAt()] if a.kill_at else [])
+with open_tools(SandboxConfig(workers=1), code=True) as tools:  # the sandbox replays the teacher into step rows
+    summary = train(ModelConfig(embedded={"vocab_size": 1024}), cfg, a.base, a.data, a.out, a.out.parent / "log.csv",
+                    reward_funcs=[record_batches], checkpoint_dir=a.ckpt, callbacks=[KillAt()] if a.kill_at else [],
+                    tools=tools)
 if rank in (None, "0"):  # one summary line, not two ranks' interleaved
     print(json.dumps(summary), flush=True)

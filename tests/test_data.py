@@ -1,7 +1,6 @@
-"""MAT-Coding data engine: corruptions, sandbox-verified teacher fixes, determinism, quotas, step samples."""
+"""MAT-Coding data engine: corruptions, sandbox-verified teacher fixes, determinism, quotas, teacher turns."""
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ from PIL import Image
 from arft_core.config import CorruptionRanges, DataConfig
 from arft_core.data import corruptions, teacher
 from arft_core.data.contact_sheet import contact_sheet
-from arft_core.data.mat_coding import _quota, generate, level_types, step_samples
+from arft_core.agent.steps import teacher_turns
+from arft_core.data.mat_coding import _quota, generate, level_types
 from arft_core.io import load_manifest
 from arft_core.protocol import PHOTOMETRIC, PROBLEM_LABELS
 from arft_core.sandbox import SandboxPool
@@ -147,17 +147,18 @@ def test_paper_shape_is_one_setting_away():
     assert shares == [10] * 7  # 7 single degradations x 10, as the paper
 
 
-def test_step_samples(built):
+def test_manifests_hold_the_teacher_turns(built):
+    """No step file: training replays each item's teacher turns through the agent loop (agent.steps). The turns are
+    the diagnosis, the fix (none for 'none' items) and the answer."""
     root, _ = built
     train = load_manifest(root / "a", "train")
-    steps = json.loads((root / "a" / "train_steps.json").read_text())
-    assert len(steps) == sum(3 if i["type"] != ["none"] else 2 for i in train)
-    assert steps == [s for i in train for s in step_samples(i)]
-    first = [s for s in steps if s["item_id"] == train[0]["id"]]
-    assert [s["type"] for s in first] == ["pre_problem", "pre_code", "pre_answer"][: len(first)]
-    assert first[0]["problem"] == f"<query> {train[0]['question']} </query>"
-    assert first[0]["solution"].startswith("<think>") and "<problem>" in first[0]["solution"]
-    assert first[-1]["context"].count("<tips>") == 1 and first[-1]["solution"].endswith("</answer>")
+    assert not (root / "a" / "train_steps.json").exists()
+    turns = [teacher_turns(i, "coding") for i in train]
+    assert [len(t) for t in turns] == [3 if i["type"] != ["none"] else 2 for i in train]
+    for item, (problem, *middle, answer) in zip(train, turns, strict=True):
+        assert problem.startswith("<think>") and "<problem>" in problem and "<code>" not in problem
+        assert all("<code>" in c and "```python" in c for c in middle)
+        assert answer.startswith("<think>") and answer.endswith("</answer>") and item["answers"][0] in answer
 
 
 def test_contact_sheet(built, tmp_path):

@@ -1,5 +1,6 @@
-"""MAT-Search through the pipeline's pieces: GX validation of imported annotations, step samples filled in by
-the search tool through its cache (record, then replay byte-identically), and the `arft search` CLI."""
+"""MAT-Search through the pipeline's pieces: GX validation of imported annotations, the teacher's step rows (its
+trajectory replayed through the agent loop, the search tool answering through its cache: record, then replay
+byte-identically), and the `arft search` CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arft_core.config import ValidationConfig
+from arft_core.agent import Tools, Transcript
+from arft_core.agent.steps import step_rows
+from arft_core.config import AgentConfig, ModelConfig, ValidationConfig
 from arft_core.data.search_import import import_search
 from arft_core.data.search_sample import write_sample
-from arft_core.data.search_steps import search_step_samples
+from arft_core.protocol import query_text
 from arft_core.search import SearchError, format_information
 from arft_core.search.cache import CachedSearch, SearchCache
 from arft_core.search.local import LocalSearch, build_index
@@ -72,15 +75,32 @@ def test_search_suite_names_broken_items(imported):
     assert f"item id={test[0]['id']}: image also in the other split" in text
 
 
-def test_step_samples_record_then_replay_identically(imported, index, tmp_path):
-    _, items = imported
+def transcript() -> Transcript:
+    """The step-mode transcript (the paper's single message) on the embedded model's processor (no weights)."""
+    from arft_core.model.processor import build_processor
+    from arft_core.model.tokenizer import build_qwen_tokenizer
+
+    cfg = ModelConfig()
+    processor = build_processor(build_qwen_tokenizer(2048), cfg.min_pixels, cfg.max_pixels)
+    return Transcript(processor, "arft", AgentConfig().for_training_mode("step").transcript)
+
+
+def test_step_rows_record_then_replay_identically(imported, index, tmp_path):
+    store, items = imported
     item = next(i for i in items if i["gold"] and len(i["gold"]["queries"]) >= 2)
-    recorded_search = CachedSearch(LocalSearch(index), SearchCache(tmp_path / "cache.sqlite"), "record")
-    recorded = search_step_samples(item, recorded_search, 4)
+    agent, rendered = AgentConfig().for_training_mode("step"), transcript()
+
+    def rows(backend, mode: str) -> list[dict]:  # the teacher's searches through the cache in `mode`
+        search = CachedSearch(backend, SearchCache(tmp_path / "cache.sqlite"), mode)
+        return step_rows([item], "search", store, Tools(search=search, top_k=4), agent, rendered, tmp_path / mode)
+
+    recorded = rows(LocalSearch(index), "record")
     queries = item["gold"]["queries"]
     assert [r["type"] for r in recorded] == ["search"] * len(queries) + ["answer"]
-    assert recorded[0]["context"] == "" and recorded[0]["solution"].endswith(f"<search> {queries[0]} </search>")
-    assert recorded[1]["context"].startswith(recorded[0]["solution"]) and "<information>" in recorded[1]["context"]
+    text = [r["prompt"][0]["content"][-1]["text"] for r in recorded]
+    first = query_text("search", item["question"])
+    assert text[0] == first and recorded[0]["solution"].endswith(f"<search> {queries[0]} </search>")
+    assert text[1].startswith(f"{first}\n{recorded[0]['solution']}\n<information>")
     assert recorded[-1]["solution"].endswith(f"<answer> {item['gold']['answer']} </answer>")
 
     class Unreachable:
@@ -89,8 +109,7 @@ def test_step_samples_record_then_replay_identically(imported, index, tmp_path):
         def search(self, query, k):
             raise AssertionError("replay must not call the backend")
 
-    replayed = search_step_samples(item, CachedSearch(Unreachable(), SearchCache(tmp_path / "cache.sqlite"),
-                                                      "replay"), 4)
+    replayed = rows(Unreachable(), "replay")
     assert json.dumps(replayed) == json.dumps(recorded)
     with pytest.raises(SearchError, match="never recorded"):
         CachedSearch(Unreachable(), SearchCache(tmp_path / "cache.sqlite"), "replay").search("never recorded", 4)

@@ -12,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import yaml
 
+from arft_core.search.cache import SearchCache
+
 KEY = "sk-test-0123456789abcdef-do-not-leak"
 
 
@@ -53,5 +55,9 @@ def test_serper_key_stays_out_of_logs_and_mlflow(tmp_path, prefect_server):
     assert any(p.name == "mlflow.db" for p in tracked)
     for path in tracked + [p for p in (tmp_path / "data").rglob("*") if p.is_file()]:
         assert KEY.encode() not in path.read_bytes(), path
-    steps = json.loads((tmp_path / "data" / "mat_search" / "train_steps.json").read_text())
-    assert any("About " in s["context"] for s in steps)  # the fake's snippets filled the <information> blocks
+    # The teacher's searches (every gold query of the train items) went to the fake, and its snippets are what the
+    # search cache now answers them with (what training's replay of the teacher will show in <information>).
+    train = json.loads((tmp_path / "data" / "mat_search" / "train.json").read_text())
+    queries = [q for item in train for q in (item.get("gold") or {}).get("queries") or []]
+    cache = SearchCache(tmp_path / "data" / "search_cache.sqlite")
+    assert queries and all(r.snippet.startswith("About ") for q in queries for r in cache.get("serper", q, 4))

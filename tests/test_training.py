@@ -1,5 +1,5 @@
-"""Training on the tiny model through TRL (real code paths, tiny sizes): step samples, SFT cold start, GRPO with
-the task's rewards, LoRA, the paper preset, and evaluation of the result."""
+"""Training on the tiny model through TRL (real code paths, tiny sizes): step rows (the teacher replayed through the
+agent loop), SFT cold start, GRPO with the task's rewards, LoRA, the paper preset, and evaluation of the result."""
 
 import csv
 import json
@@ -11,11 +11,15 @@ import pytest
 import torch
 import yaml
 
-from arft_core.config import Config, DataConfig, ModelConfig, TrainConfig
+from arft_core.agent import Tools
+from arft_core.config import AgentConfig, Config, DataConfig, ModelConfig, SandboxConfig, TrainConfig
 from arft_core.data.mat_coding import generate
 from arft_core.evaluation import evaluate
 from arft_core.model.embedded import load_model, prepare_base_model
-from arft_core.training import build_step_dataset, load_step_rows, step_prompt, train
+from arft_core.model.processor import load_processor
+from arft_core.protocol import query_text
+from arft_core.sandbox import SandboxPool
+from arft_core.training import build_step_dataset, step_rows, train
 from agentic_job import ROTATE_90
 from conftest import ROOT
 
@@ -33,6 +37,19 @@ def tiny(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tools():
+    """The sandbox that replays the teacher's code turns into step rows (and runs agentic rollouts' code)."""
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        yield Tools(sandbox=pool)
+
+
+def rows_of(tiny: Path, tools: Tools, scratch: Path, image_size: int | None = None) -> list[dict]:
+    """The step rows training builds from the tiny data set (default agent settings, step mode)."""
+    return step_rows(tiny / "data", "coding", tools, AgentConfig().for_training_mode("step"),
+                     load_processor(tiny / "base"), image_size, scratch)
+
+
 def length_reward(completions, **_):
     """A reward with variance inside each group, so that advantages (and so gradients) are non-zero."""
     return [float(len(c[0]["content"])) for c in completions]
@@ -44,44 +61,62 @@ def changed_weights(a: Path, b: Path) -> list[str]:
     return [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
 
 
-def test_step_samples_are_the_papers_single_message(tiny):
-    rows = load_step_rows(tiny / "data")
-    assert {r["type"] for r in rows} == {"pre_problem", "pre_code", "pre_answer"}
-    code_row = next(r for r in rows if r["type"] == "pre_code")
-    msg = step_prompt("coding", code_row)[0]
-    assert msg["content"][0] == {"type": "image"}
-    text = msg["content"][1]["text"]
-    assert text.index("# Current reasoning chain:") < text.index(code_row["problem"]) < text.index("<tips>")
-    ds = build_step_dataset(rows, tiny / "data", "coding", image_size=72)
-    assert ds[0]["image"].size == (72, 72) and "<problem>" in ds[0]["solution"]
+def test_step_rows_are_the_loops_single_message_turns(tiny, tools, tmp_path):
+    """Step rows come from replaying each teacher trajectory through the agent loop: under the default step mode a
+    row's prompt is the paper's single user message (the current image, then system prompt + query + the transcript
+    so far), exactly what the loop renders for that turn."""
+    rows = rows_of(tiny, tools, tmp_path, image_size=72)
+    assert {r["type"] for r in rows} == {"problem", "code", "answer"}
+    code_row = next(r for r in rows if r["type"] == "code")
+    assert len(code_row["prompt"]) == 1 and code_row["prompt"][0]["role"] == "user"
+    content = code_row["prompt"][0]["content"]
+    assert content[0] == {"type": "image"} and len(content) == 2 and len(code_row["images"]) == 1
+    text = content[1]["text"]
+    question = next(i["question"] for i in json.loads((tiny / "data" / "train.json").read_text())
+                    if str(i["id"]) == code_row["item_id"])
+    # The system prompt (its chain header last) and the query, then the chain so far: the item's problem turn and
+    # the tips the environment answered it with.
+    first = query_text("coding", question)
+    assert text.startswith(first) and first.index("# Current reasoning chain:") < first.index("<query>")
+    problem_row = rows[rows.index(code_row) - 1]  # the same item's previous turn
+    assert problem_row["type"] == "problem" and problem_row["item_id"] == code_row["item_id"]
+    chain = text[len(first):]
+    assert chain.startswith(f"\n{problem_row['solution']}\n<tips>") and chain.count("<tips>") == 1
+    assert "<code>" in code_row["solution"]
+    # The answer turn works on the image the teacher's code produced (a tool image in the replay's folder).
+    answer_row = rows[rows.index(code_row) + 1]
+    assert answer_row["type"] == "answer" and Path(answer_row["image_path"]).is_relative_to(tmp_path)
+    assert answer_row["images"] == [answer_row["image_path"]]
+    ds = build_step_dataset(rows, image_size=72)
+    assert ds[0]["images"][0].size == (72, 72) and "<problem>" in ds[0]["solution"]
 
 
-def test_paper_rewards_give_zero_advantage_to_a_tagless_policy(tiny, tmp_path):
+def test_paper_rewards_give_zero_advantage_to_a_tagless_policy(tiny, tools, tmp_path):
     cfg = TrainConfig(max_steps=1, num_generations=2, max_completion_length=4, sft=NO_SFT, reward_variant="paper")
     logged = []
     train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
-          sink=lambda m, s: logged.append(m))
+          sink=lambda m, s: logged.append(m), tools=tools)
     step = next(m for m in logged if "reward" in m)
     # The random policy never writes tags: format is 0, logged per component (the paper's code-step 0.9 may pay).
     assert step["rewards/format_reward/mean"] == 0.0 and "rewards/accuracy_reward/mean" in step
 
 
-def test_sft_cold_start_teaches_the_tags_then_grpo_runs(tiny, tmp_path):
+def test_sft_cold_start_teaches_the_tags_then_grpo_runs(tiny, tools, tmp_path):
     cfg = TrainConfig(max_steps=1, num_generations=2, max_completion_length=24, reward_weights=[1.0],
                       sft={"max_steps": 60, "learning_rate": 1e-2, "batch_size": 6})
     logged = []
     summary = train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
-                    sink=lambda m, s: logged.append(m), reward_funcs=[length_reward])
+                    sink=lambda m, s: logged.append(m), reward_funcs=[length_reward], tools=tools)
     sft_losses = [m["sft/loss"] for m in logged if "sft/loss" in m]
     assert summary["sft_steps"] == 60 and sft_losses[-1] < sft_losses[0] / 2, sft_losses
     from PIL import Image
 
-    row = next(r for r in load_step_rows(tiny / "data") if r["type"] == "pre_problem")
+    row = next(r for r in rows_of(tiny, tools, tmp_path / "rows") if r["type"] == "problem")
 
     def greedy(model_dir: Path) -> str:
         model, processor = load_model(model_dir)
-        text = processor.apply_chat_template(step_prompt("coding", row), tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[text], images=[Image.open(tiny / "data" / row["image_path"]).convert("RGB")],
+        text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[Image.open(p).convert("RGB") for p in row["images"]],
                            return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
         return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -92,14 +127,14 @@ def test_sft_cold_start_teaches_the_tags_then_grpo_runs(tiny, tmp_path):
     assert completion.startswith("<think"), completion
 
 
-def test_grpo_updates_weights_and_logs_rewards(tiny, tmp_path):
+def test_grpo_updates_weights_and_logs_rewards(tiny, tools, tmp_path):
     out = tmp_path / "trained"
     cfg = TrainConfig(max_steps=2, num_generations=2, max_completion_length=6, learning_rate=1e-2,
                       reward_weights=[1.0], sft=NO_SFT)
     logged = []
     summary = train(MODEL, cfg, tiny / "base", tiny / "data", out, tmp_path / "log.csv",
-                    sink=lambda m, s: logged.append((s, m)), reward_funcs=[length_reward])
-    assert summary["steps"] == 2 and summary["train_items"] == len(load_step_rows(tiny / "data"))
+                    sink=lambda m, s: logged.append((s, m)), reward_funcs=[length_reward], tools=tools)
+    assert summary["steps"] == 2 and summary["train_items"] == len(rows_of(tiny, tools, tmp_path / "rows"))
     assert changed_weights(tiny / "base", out), "two GRPO steps at lr 1e-2 must move some weights"
     _, processor = load_model(out)
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == 1024 + 12
@@ -119,11 +154,11 @@ def test_grpo_updates_weights_and_logs_rewards(tiny, tmp_path):
     assert report.count("<details") == 6
 
 
-def test_lora_trains_adapters_and_saves_a_merged_model(tiny, tmp_path):
+def test_lora_trains_adapters_and_saves_a_merged_model(tiny, tools, tmp_path):
     cfg = TrainConfig(max_steps=1, num_generations=2, max_completion_length=4, learning_rate=1e-1,
                       reward_weights=[1.0], sft=NO_SFT, lora={"enabled": True, "r": 4, "alpha": 8})
     train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
-          reward_funcs=[length_reward])
+          reward_funcs=[length_reward], tools=tools)
     changed = changed_weights(tiny / "base", tmp_path / "out")
     assert changed and all("self_attn" in k for k in changed)  # only the adapted projections moved
     assert not list((tmp_path / "out").glob("adapter_*"))  # merged: a plain model folder
@@ -211,10 +246,7 @@ def test_killed_training_resumes_from_the_last_checkpoint(tiny, tmp_path):
 
 
 def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_path, monkeypatch):
-    from arft_core.agent import Tools
     from arft_core.agent.grpo import AgenticGRPOTrainer
-    from arft_core.config import AgentConfig, SandboxConfig
-    from arft_core.sandbox import SandboxPool
 
     seen = {"turn_inputs": [], "loss_inputs": []}
     original_turn, original_loss = AgenticGRPOTrainer._generate_turn, AgenticGRPOTrainer._compute_loss
@@ -261,15 +293,15 @@ def test_agentic_mode_feeds_the_tool_image_back_and_masks_tool_tokens(tiny, tmp_
 
 
 
-def test_epochs_set_the_schedule_and_checkpoint_step_ends_the_run_there(tiny, tmp_path):
+def test_epochs_set_the_schedule_and_checkpoint_step_ends_the_run_there(tiny, tools, tmp_path):
     """train.max_steps null: num_train_epochs decides the length (GRPOConfig); checkpoint_step stops at that step
     with the whole run's linear schedule, as the paper's checkpoint-1400 of 10 epochs."""
-    rows = len(load_step_rows(tiny / "data"))  # one prompt per step: an epoch is `rows` steps
+    rows = len(rows_of(tiny, tools, tmp_path / "rows"))  # one prompt per step: an epoch is `rows` steps
     cfg = TrainConfig(max_steps=None, num_train_epochs=3, checkpoint_step=2, num_generations=2,
                       max_completion_length=4, learning_rate=1e-2, reward_weights=[1.0], sft=NO_SFT)
     logged = []
     summary = train(MODEL, cfg, tiny / "base", tiny / "data", tmp_path / "out", tmp_path / "log.csv",
-                    sink=lambda m, s: logged.append((s, m)), reward_funcs=[length_reward])
+                    sink=lambda m, s: logged.append((s, m)), reward_funcs=[length_reward], tools=tools)
     assert summary["steps"] == 2 and (tmp_path / "out" / "config.json").is_file()
     lr = {s: m["learning_rate"] for s, m in logged if "learning_rate" in m}
     # The rate step 2 used: linear decay over 3 epochs (3 * rows steps), not over the 2 steps run.
