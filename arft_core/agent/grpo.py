@@ -87,7 +87,10 @@ class AgenticGRPOTrainer(GRPOTrainer):
         def scripted(env, turn):
             return self.forced_first_turn(index[id(env)]) if turn == 1 else None
         turn_images: list[list[int]] = []
-        engine = _TrainerEngine(self, turn_images)
+        envs[0].reset()  # (the loop resets it again) its first input is this rank's filler generation
+        first = self.transcript.first(envs[0])
+        filler = [first.ids], [[self.transcript.open_image(p) for p in first.images]]
+        engine = _TrainerEngine(self, turn_images, filler)
         episodes = run_episodes(envs, engine, self.transcript, max_new_tokens=self.turn_max_new_tokens,
                                 budget=self.max_completion_length, tool_threads=self.tool_threads,
                                 scripted=scripted if self.forced_first_turn else None, any_rank=self._on_any_rank)
@@ -159,16 +162,13 @@ class _TrainerEngine:
     the weights synced), and under ZeRO-3 a filler generation when this rank has nothing to generate but another
     rank does: this rank's first prompt with its image (so that the vision tower runs here too), output dropped."""
 
-    def __init__(self, trainer: AgenticGRPOTrainer, turn_images: list[list[int]]):
-        self.trainer, self.turn_images, self.filler = trainer, turn_images, None
+    def __init__(self, trainer: AgenticGRPOTrainer, turn_images: list[list[int]], filler: tuple[list, list]):
+        self.trainer, self.turn_images, self.filler = trainer, turn_images, filler
 
     def generate(self, ids, images, max_new_tokens, deadline=None):
         if not ids:
-            if self.filler is not None:
-                self.trainer._generate_turn(*self.filler, 1)
+            self.trainer._generate_turn(*self.filler, 1)
             return []
-        if self.filler is None:
-            self.filler = [ids[0]], [images[0]]
         self.turn_images.append([len(x) for x in images])
         return self.trainer._generate_turn(list(ids), list(images), max_new_tokens)
 
