@@ -8,12 +8,11 @@ import sys
 import pytest
 
 from arft_core import metrics, rewards
-from arft_core.agent import AgentEnv, Tools
+from arft_core.agent import AgentEnv, EnvItem, Tools
 from arft_core.config import AgentConfig, load_config
 from arft_core.evaluation import load_benchmark
 from arft_core.protocol import (CODING_SYSTEM_PROMPT, PHOTOMETRIC, PROBLEM_LABELS, ROTATIONS, coding_prompt,
                                 extract_answer, has_cjk, is_answer_step, parse_step, problem_labels, tips)
-from arft_core.training import build_item_dataset
 from conftest import SHARED, write_params
 
 RELEASED = SHARED / "released-predictions"
@@ -290,8 +289,8 @@ def test_gold_queries_reach_the_query_similarity_reward(tmp_path):
              {"id": "q2", "question": "Who built it?", "answers": ["Eiffel"], "image_path": "images/a.png",
               "split": "hard", "gold": None}]
     (tmp_path / "ms" / "test.json").write_text(json.dumps(items))
-    # Training (agentic rows) and evaluation both carry the manifest's gold.queries.
-    assert build_item_dataset(items, tmp_path / "ms", "search", None)["gold_queries"] == [["gold"], []]
+    # Training (agentic environments) and evaluation read items the one way: EnvItem.from_manifest.
+    assert [EnvItem.from_manifest(i, "search", tmp_path / "ms").gold_queries for i in items] == [["gold"], []]
     write_params(tmp_path, {"paths": {"mat_search": "ms"}})
     bench = load_benchmark("mat-search", load_config(tmp_path / "params.yaml"))
     assert [b.env.gold_queries for b in bench] == [["gold"], []]
