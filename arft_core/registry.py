@@ -98,6 +98,7 @@ class AgentModel(mlflow.pyfunc.PythonModel):
 
         from arft_core.agent.env import EnvItem
         from arft_core.agent.rollout import Deadline
+        from arft_core.agent.rollout import first_turn as script_first_turn
         from arft_core.agent.runner import open_tools
 
         limits = self.limits
@@ -107,7 +108,7 @@ class AgentModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         first_turn = params.get("first_turn") or ""
         max_turns = _check_request(model_input, params, limits, self.cfg.agent.max_turns)
-        scripted = (lambda env, turn: first_turn if turn == 1 else None) if first_turn else None
+        scripted = script_first_turn(lambda env: first_turn) if first_turn else None
         n = len(model_input)
         records: list[dict | None] = [None] * n
         while not self._lock.acquire(timeout=0.25):

@@ -23,7 +23,8 @@ from arft_core.agent.transcript import Transcript
 from arft_core.config import AgentConfig, Config, DataConfig, ModelConfig, SandboxConfig, ServingConfig, TrainConfig
 from arft_core.data.mat_coding import generate
 from arft_core.io import load_manifest
-from arft_core.model.embedded import load_model, prepare_base_model
+from arft_core.model.embedded import prepare_base_model
+from arft_core.model.processor import load_processor
 from arft_core.search.base import SearchResult
 
 MODEL = ModelConfig(embedded={"vocab_size": 1024})
@@ -80,8 +81,7 @@ def world(tmp_path_factory):
               {"id": "s0", "question": "What is the name of the statue on the picture?", "answers": ["Liberty"],
                "image_path": "images/s.png", "gold": {"queries": ["statue name"], "answer": "Liberty"}}]
     (search_dir / "train.json").write_text(json.dumps(search))
-    _, processor = load_model(root / "base")
-    return {"root": root, "coding": coding, "search": search, "processor": processor}
+    return {"root": root, "coding": coding, "search": search, "processor": load_processor(root / "base")}
 
 
 def scripts_of(world) -> dict[str, list[str]]:

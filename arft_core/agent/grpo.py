@@ -25,7 +25,7 @@ from trl.models import unwrap_model_for_generation
 
 from arft_core.agent.env import AgentEnv, EnvItem
 from arft_core.agent.generation import HFEngine, turn_end
-from arft_core.agent.rollout import run_episodes
+from arft_core.agent.rollout import first_turn, run_episodes
 from arft_core.agent.transcript import Transcript
 from arft_core.reports import render_trajectories
 
@@ -83,9 +83,7 @@ class AgenticGRPOTrainer(GRPOTrainer):
         scratch = Path(self._scratch.name)
         envs = [self.env_factory(row, scratch / f"rollout-{i}") for i, row in enumerate(self._rows)]
         index = {id(env): i for i, env in enumerate(envs)}
-
-        def scripted(env, turn):
-            return self.forced_first_turn(index[id(env)]) if turn == 1 else None
+        scripted = first_turn(lambda env: self.forced_first_turn(index[id(env)])) if self.forced_first_turn else None
         turn_images: list[list[int]] = []
         envs[0].reset()  # (the loop resets it again) its first input is this rank's filler generation
         first = self.transcript.first(envs[0])
@@ -93,7 +91,7 @@ class AgenticGRPOTrainer(GRPOTrainer):
         engine = _TrainerEngine(self, turn_images, filler)
         episodes = run_episodes(envs, engine, self.transcript, max_new_tokens=self.turn_max_new_tokens,
                                 budget=self.max_completion_length, tool_threads=self.tool_threads,
-                                scripted=scripted if self.forced_first_turn else None, any_rank=self._on_any_rank)
+                                scripted=scripted, any_rank=self._on_any_rank)
         records = [e.record for e in episodes]
         calls = [r["tool_calls"] for r in records]
         n_calls = sum(c["search"] + c["code"] for c in calls)

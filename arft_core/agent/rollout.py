@@ -190,6 +190,12 @@ def run_episodes(envs: Sequence[AgentEnv], engine: Engine | None, transcript: Tr
     return episodes
 
 
+def first_turn(text_of: Callable[[AgentEnv], str | None]) -> Callable[[AgentEnv, int], str | None]:
+    """The `scripted` hook of a scripted first turn: `text_of(env)` replaces the model's turn 1 (a served request's
+    `first_turn`, a training demo's `forced_first_turn`); later turns are the model's."""
+    return lambda env, turn: text_of(env) if turn == 1 else None
+
+
 def mark_generation(envs: Sequence[AgentEnv], start_ns: int, end_ns: int) -> None:
     """Record on each env's newest turn (`fail` turns too) the window of the batched generation that produced it:
     every item of a batch waited for the whole call, so they share it (traces time the model turns by it)."""

@@ -29,7 +29,7 @@ from PIL import Image
 
 from arft_core.config import DataConfig, SandboxConfig
 from arft_core.data import corruptions, teacher
-from arft_core.io import MANIFESTS, input_image_path, write_json_atomic  # noqa: F401 (input_image_path: here too)
+from arft_core.io import MANIFESTS, write_json_atomic
 
 LEVELS = ("simple", "hard")
 VERIFY_BATCH = 8  # teacher fixes checked per sandbox job (at most sandbox.max_output_images)
