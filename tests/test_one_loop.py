@@ -212,3 +212,20 @@ def _nth_turn(engine: TeacherEngine, seq: list[int]):
     reply = engine.scripts[question][k]
     ids = engine.processor.tokenizer(reply, add_special_tokens=False)["input_ids"]
     return ids, [0.0] * len(ids)
+
+
+@pytest.mark.parametrize("agent", [{"transcript": "single_message"}, {"protocol": "paper"}])
+def test_agentic_training_in_a_single_message_transcript_is_refused_at_load(tmp_path, agent):
+    """Agentic GRPO trains one token sequence per trajectory (the chat form): a config that would train in one form
+    and evaluate in another fails when it loads, naming the keys."""
+    from conftest import write_params
+
+    from arft_core.config import ConfigError, load_config
+
+    params = write_params(tmp_path, {"train": {"mode": "agentic"}, "agent": agent})
+    with pytest.raises(ConfigError) as err:
+        load_config(params)
+    key = "agent.protocol: paper" if "protocol" in agent else "agent.transcript: single_message"
+    assert "train.mode agentic" in str(err.value) and key in str(err.value)
+    (tmp_path / "ok").mkdir()
+    load_config(write_params(tmp_path / "ok", {"train": {"mode": "agentic"}, "agent": {"transcript": "auto"}}))
