@@ -800,19 +800,6 @@ class Config(Section):
             out[section] = _deep_merge(out.get(section) or {}, values)
         return out
 
-    @model_validator(mode="after")
-    def _agentic_needs_chat(self) -> Config:
-        """Agentic GRPO trains on one token sequence per trajectory, which only the chat transcript is: a
-        single-message transcript (agent.transcript, or agent.protocol paper, which always re-sends one message)
-        would be trained in one form and evaluated in another."""
-        if self.train.mode == "agentic":
-            agent = self.agent.for_training_mode("agentic")
-            if agent.protocol == "paper" or agent.transcript != "chat":
-                key = "agent.protocol: paper" if agent.protocol == "paper" else "agent.transcript: single_message"
-                raise ValueError(f"train.mode agentic with {key}: agentic GRPO trains on the chat transcript only "
-                                 "(set agent.transcript to chat or auto, agent.protocol to arft, or train.mode to step)")
-        return self
-
     @field_validator("train_presets")
     @classmethod
     def _valid_presets(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -979,6 +966,14 @@ def pipeline_errors(cfg: Config) -> list[tuple[str, str, Any]]:
     if len(t.reward_weights) != len(funcs):
         errors.append(("train.reward_weights", f"needs {len(funcs)} values, one per reward function of train.mode "
                        f"{t.mode!r} ({', '.join(funcs)})", t.reward_weights))
+    if t.mode == "agentic":  # one token sequence per trajectory: trained in the chat form, evaluated in it
+        agent = cfg.agent.for_training_mode("agentic")
+        if agent.protocol == "paper":
+            errors.append(("agent.protocol", "train.mode agentic trains on the chat transcript only, and the paper "
+                           "protocol re-sends one user message (use protocol arft, or train.mode step)", "paper"))
+        elif agent.transcript != "chat":
+            errors.append(("agent.transcript", "train.mode agentic trains on the chat transcript only (use chat or "
+                           "auto, or train.mode step)", agent.transcript))
     if t.launcher == "accelerate" and not (cfg.root / t.accelerate_config).is_file():
         errors.append(("train.accelerate_config", f"no such file under {cfg.root}", t.accelerate_config))
     for name, file in cfg.eval.multihop_files.items():  # checked here: relative paths need the project root

@@ -225,7 +225,8 @@ def test_agentic_training_in_a_single_message_transcript_is_refused_at_load(tmp_
     params = write_params(tmp_path, {"train": {"mode": "agentic"}, "agent": agent})
     with pytest.raises(ConfigError) as err:
         load_config(params)
-    key = "agent.protocol: paper" if "protocol" in agent else "agent.transcript: single_message"
-    assert "train.mode agentic" in str(err.value) and key in str(err.value)
+    key, value = ("agent.protocol", "'paper'") if "protocol" in agent else ("agent.transcript", "'single_message'")
+    assert f"  {key}: train.mode agentic trains on the chat transcript only" in str(err.value)
+    assert f"(got {value})" in str(err.value)
     (tmp_path / "ok").mkdir()
     load_config(write_params(tmp_path / "ok", {"train": {"mode": "agentic"}, "agent": {"transcript": "auto"}}))
