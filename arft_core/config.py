@@ -484,7 +484,8 @@ class AgentConfig(Section):
         "auto", description="auto: the form the model was trained in (evaluation reads train.mode: step -> "
         "single_message, agentic -> chat); chat: a multi-turn conversation, each tool result its own user turn "
         "(with the new image); single_message: the paper's form, one user message re-sent with the transcript "
-        "appended and only the current image (always so under protocol paper).")
+        "appended and only the current image (always so under protocol paper). Training renders its step rows and "
+        "rollouts in the same form as evaluation and serving; train.mode agentic runs the chat form only.")
     coding_tips: bool = Field(True, description="Inject the paper's <tips> after a <problem> step.")
     crop_teacher_forcing: bool = Field(
         False, description="The paper's eval hack: a crop diagnosed by the model (first sorted <problem> label) "
