@@ -105,7 +105,7 @@ def run_episodes(envs: Sequence[AgentEnv], engine: Engine | None, transcript: Tr
                 live = []
                 continue
             outs: dict[int, Generation] = {}
-            asked = []
+            room: dict[int, int] = {}  # new tokens each asked item may take this turn
             for i in live:
                 env, ctx = envs[i], contexts[i]
                 try:
@@ -115,23 +115,21 @@ def run_episodes(envs: Sequence[AgentEnv], engine: Engine | None, transcript: Tr
                     env.fail(e)
                     progress(1)
                     continue
-                room = max_new_tokens if budget is None else min(max_new_tokens, budget - len(episodes[i].completion))
+                left = None if budget is None else max(budget - len(episodes[i].completion), 0)
                 text = scripted(env, turn) if scripted is not None else None
                 if text is not None:  # not generated: only the trajectory budget bounds it, not the turn cap
-                    left = None if budget is None else max(budget - len(episodes[i].completion), 0)
                     ids = transcript.tokens(text)[:left]
                     outs[i] = ids, [math.nan] * len(ids)
-                elif room > 0:
-                    asked.append(i)
+                elif left is None or left > 0:
+                    room[i] = max_new_tokens if left is None else min(max_new_tokens, left)
                 else:
                     env.fail(RuntimeError("trajectory token budget spent"))
                     progress(1)
                     continue
-            todo = [i for i in live if i in outs or i in asked]
+            asked = list(room)
+            todo = [i for i in live if i in outs or i in room]
             window = None
             if any_rank(bool(asked)):  # decided together: generation may be collective (ZeRO-3)
-                room = {i: min(max_new_tokens, budget - len(episodes[i].completion)) if budget else max_new_tokens
-                        for i in asked}
                 start = time.time_ns()
                 try:
                     new = engine.generate([contexts[i].ids for i in asked],
