@@ -110,13 +110,6 @@ def query_text(task: str, question: str, protocol: str = "arft") -> str:
     return f"{system_prompt(task)}\n<query> {question} </query>"
 
 
-def search_prompt(question: str, with_image: bool = True, protocol: str = "arft") -> list[dict]:
-    """Chat messages for one MAT-Search question (text-only multi-hop QA passes `with_image=False`)."""
-    content = ([{"type": "image"}] if with_image else []) + [
-        {"type": "text", "text": query_text("search", question, protocol)}]
-    return [{"role": "user", "content": content}]
-
-
 def coding_prompt(question: str, protocol: str = "arft") -> list[dict]:
     """Chat messages for one MAT-Coding question: image first, then prompt and `<query>`."""
     return [{"role": "user", "content": [{"type": "image"},
@@ -265,9 +258,3 @@ def force_crop_box(code: str, question: str, width: int, height: int) -> str:
         return code
     x0, y0, x1, y1 = box
     return _SLICE_2D.sub(f"[{y0}:{y1}, {x0}:{x1}]", code)
-
-
-def step_prompt(task: str, row: dict) -> list[dict]:
-    """The paper's step sample as one user message: image, then system prompt + query (+ the chain so far)."""
-    text = f"{system_prompt(task)}\n{row['problem']}" + (f"\n{row['context']}" if row.get("context") else "")
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
