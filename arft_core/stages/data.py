@@ -117,8 +117,8 @@ def search_data_stage(cfg: Config) -> dict:
         write_json_atomic(out / f"{part}.json", [i for i in result.items if i.get("partition") == part])
     search = open_search(cfg)
     train = [i for i in result.items if i.get("partition") == "train"]
-    # The teacher's searches (each annotated gold query), recorded in the search cache: what training's replay of
-    # the teacher finds there.
+    # The teacher's searches (each annotated gold query), recorded in the search cache (search.cache_path): their
+    # results frozen with the import. Training replays the teacher through its own cache (paths.train_search_cache).
     queries = [q for item in train for q in (item.get("gold") or {}).get("queries") or []]
     with progress_bar("teacher searches", len(queries)) as advance:
         for query in queries:
